@@ -1,0 +1,34 @@
+# `make demo` and `make test` build everything they need into .venv on a fresh clone.
+# TORCH: the torch to install when .venv has none (a CPU build by default; use e.g.
+# TORCH="torch==2.11.0" with a CUDA toolkit present to build the CUDA bodies too).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.pyadvk-installed
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test demo bench clean
+
+$(STAMP): requirements.txt setup.py pyproject.toml $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m pyadvk demo
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,ops
+
+clean:
+	rm -rf $(VENV) build *.egg-info pyadvk/_C*.so .pytest_cache .hypothesis .benchmarks

@@ -1,0 +1,90 @@
+"""pgd_step (linf, l2): every body vs the unfused op chain torchattacks runs (re-implemented in
+pyadvk.baselines) vs torch.compile of the torch body, from a CIFAR batch to an ImageNet batch.
+
+Run: ``make bench`` or ``pytest benchmarks/bench_pgd_step.py --benchmark-json=out.json``, then
+``python benchmarks/summarize.py out.json``. Every row carries, in ``extra_info``, the effective
+bandwidth (3 reads + 1 write per value) and its share of the copy bandwidth measured in this run.
+Inputs rotate over enough buffers (>= 256 MiB) that caches do not flatter the small sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from benchmarks.conftest import DEVICE, copy_bandwidth, median_seconds, sync
+from pyadvk import baselines
+from pyadvk.ops import pgd as pgd_ops
+
+SIZES = {
+    "cifar-128": (128, 3, 32, 32),
+    "cifar-512": (512, 3, 32, 32),
+    "imagenet-32": (32, 3, 224, 224),
+    "imagenet-256": (256, 3, 224, 224),
+}
+IMPLS = ["unfused", "compile", "torch", "cpp", "triton", "cuda"]
+EPS = {"linf": 8 / 255, "l2": 0.5}
+ALPHA = {"linf": 2 / 255, "l2": 0.1}
+
+
+def rotating_inputs(shape, dtype=torch.float32, total_bytes=256 * 2**20):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    numel = torch.Size(shape).numel()
+    sets = max(1, min(32, total_bytes // (3 * 4 * numel)))
+    out = []
+    for _ in range(sets):
+        x_orig = torch.rand(shape, device=DEVICE, generator=gen, dtype=dtype)
+        x_adv = (x_orig + 0.01 * torch.randn(shape, device=DEVICE, generator=gen)).clamp(0, 1)
+        out.append((x_adv, x_orig, torch.randn(shape, device=DEVICE, generator=gen, dtype=dtype)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_reference(norm: str):
+    return torch.compile(pgd_ops._STEP_REFERENCE[norm], dynamic=False)
+
+
+def make_step(impl: str, norm: str):
+    eps, alpha = EPS[norm], ALPHA[norm]
+    if impl == "unfused":
+        chain = baselines.torchattacks_linf_step if norm == "linf" else baselines.torchattacks_l2_step
+        return lambda xa, xo, g: chain(xa, xo, g, eps, alpha)
+    if impl == "compile":
+        fn = compiled_reference(norm)
+        return lambda xa, xo, g: fn(xa, xo, g, eps, alpha, None, None, 0.0, 1.0)
+    return lambda xa, xo, g: pgd_ops.pgd_step_(xa, xo, g, eps=eps, alpha=alpha, norm=norm, backend=impl)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pgd_step(benchmark, size, norm, impl):
+    if impl not in ("unfused", "compile"):
+        why = pgd_ops.STEP.reason(impl, DEVICE.type)
+        if why or (impl == "triton" and DEVICE.type == "cpu"):
+            pytest.skip(why or "the Triton interpreter is not benchmarked")
+    shape = SIZES[size]
+    inputs = rotating_inputs(shape)
+    step = make_step(impl, norm)
+    state = {"i": 0}
+
+    def run():
+        xa, xo, g = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        step(xa, xo, g)
+        sync()
+
+    seconds = median_seconds(run, repeats=3, warmup=2)  # includes compilation on first calls
+    rounds = int(min(200, max(5, 2.0 / max(seconds, 1e-6))))
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
+    numel = torch.Size(shape).numel()
+    median = benchmark.stats.stats.median
+    gbps = 4 * 4 * numel / median  # 3 reads + 1 write of float32
+    copy = copy_bandwidth(numel)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), size=size, shape=list(shape), norm=norm, impl=impl,
+        numel=numel, gbps=gbps / 1e9, copy_gbps=copy / 1e9, pct_of_copy=100 * gbps / copy,
+    )

@@ -1,0 +1,12 @@
+// The cpp bodies' hot loops for AVX-512 (F, BW, VL, DQ) (see cpu/isa.h).
+#include "cpu/isa.h"
+#include "cpu/kernels_common.h"
+
+#if PYADVK_X86_ISAS
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace pyadvk {
+namespace cpu_avx512 {
+#include "cpu/pgd_kernels.inc"
+}  // namespace cpu_avx512
+}  // namespace pyadvk
+#endif

@@ -1,0 +1,8 @@
+// The cpp bodies' hot loops for the baseline instruction set (see cpu/isa.h).
+#include "cpu/kernels_common.h"
+
+namespace pyadvk {
+namespace cpu_default {
+#include "cpu/pgd_kernels.inc"
+}  // namespace cpu_default
+}  // namespace pyadvk

@@ -1,0 +1,307 @@
+// CUDA bodies of the fused PGD ops.
+//
+// Each block owns one tile of kTile values that never crosses a sample boundary, so per-sample
+// eps/alpha are read once per block. linf is one kernel (3 reads + 1 write per value). l2 is two:
+// a reduction that writes per-tile partial sums (|g|^2, |x_adv - x_orig|^2, <x_adv - x_orig, g>),
+// then an elementwise kernel whose blocks first combine their sample's partials; |d| follows from
+// the three sums, so no second reduction over d is needed (6 reads + 1 write per value). Loads
+// and stores are 16-byte vectors when every pointer is aligned and D is a multiple of the width.
+// No atomics: results are deterministic.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../pgd.h"
+
+namespace pyadvk {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTile = 8192;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pk.v[k]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+struct TileInfo {
+  int64_t b, base, n;
+};
+
+__device__ __forceinline__ TileInfo tile_info(int64_t D, int64_t per_sample) {
+  const int64_t tile = blockIdx.x;
+  const int64_t b = tile / per_sample;
+  const int64_t offset = (tile - b * per_sample) * kTile;
+  return {b, b * D + offset, D - offset < kTile ? D - offset : kTile};
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    linf_step_kernel(const T* xa, const T* xo, const T* g, T* out, int64_t D, int64_t per_sample,
+                     const float* eps_t, float eps, const float* alpha_t, float alpha, float lo, float hi) {
+  const TileInfo t = tile_info(D, per_sample);
+  const float e = eps_t ? eps_t[t.b] : eps;
+  const float a = alpha_t ? alpha_t[t.b] : alpha;
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float va[VEC], vo[VEC], vg[VEC], y[VEC];
+    load_pack<VEC>(xa + t.base + i, va);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float step = vg[k] > 0.f ? a : (vg[k] < 0.f ? -a : 0.f);  // NaN -> no step
+      const float v = fminf(fmaxf(va[k] + step, vo[k] - e), vo[k] + e);
+      y[k] = fminf(fmaxf(v, lo), hi);
+    }
+    store_pack<VEC>(out + t.base + i, y);
+  }
+}
+
+// Sums three values over the block; every thread gets the totals.
+__device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
+  __shared__ float shared[3][kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+    c += __shfl_xor_sync(0xffffffffu, c, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    shared[0][warp] = a;
+    shared[1][warp] = b;
+    shared[2][warp] = c;
+  }
+  __syncthreads();
+  a = b = c = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    a += shared[0][w];
+    b += shared[1][w];
+    c += shared[2][w];
+  }
+  __syncthreads();  // shared may be reused by a later call
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    l2_reduce_kernel(const T* xa, const T* xo, const T* g, float* partial, int64_t D, int64_t per_sample) {
+  const TileInfo t = tile_info(D, per_sample);
+  float gg = 0.f, pp = 0.f, pg = 0.f;
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float va[VEC], vo[VEC], vg[VEC];
+    load_pack<VEC>(xa + t.base + i, va);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gk = isnan(vg[k]) ? 0.f : vg[k];
+      const float p = va[k] - vo[k];
+      gg += gk * gk;
+      pp += p * p;
+      pg += p * gk;
+    }
+  }
+  block_sum3(gg, pp, pg);
+  if (threadIdx.x == 0) {
+    float* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
+    dst[0] = gg;
+    dst[1] = pp;
+    dst[2] = pg;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    l2_apply_kernel(const T* xa, const T* xo, const T* g, T* out, const float* partial, int64_t D,
+                    int64_t per_sample, const float* eps_t, float eps, const float* alpha_t, float alpha,
+                    float lo, float hi) {
+  const TileInfo t = tile_info(D, per_sample);
+  float gg = 0.f, pp = 0.f, pg = 0.f;
+  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
+    const float* src = partial + 3 * (t.b * per_sample + c);
+    gg += src[0];
+    pp += src[1];
+    pg += src[2];
+  }
+  block_sum3(gg, pp, pg);
+  const float e = eps_t ? eps_t[t.b] : eps;
+  const float gn = sqrtf(gg);
+  const float a = gn > 0.f ? (alpha_t ? alpha_t[t.b] : alpha) : 0.f;
+  const float gdiv = gn > 0.f ? gn : 1.f;
+  // |d|^2 = pp + 2 s pg + s^2 gg with s = alpha / |g| (see the file comment).
+  const double s = static_cast<double>(a) / gdiv;
+  const double dn = sqrt(fmax(static_cast<double>(pp) + 2.0 * s * pg + s * s * gg, 0.0));
+  const float f = dn > e ? static_cast<float>(e / dn) : 1.f;
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float va[VEC], vo[VEC], vg[VEC], y[VEC];
+    load_pack<VEC>(xa + t.base + i, va);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gk = isnan(vg[k]) ? 0.f : vg[k];
+      const float d = (va[k] + a * (gk / gdiv)) - vo[k];
+      y[k] = fminf(fmaxf(vo[k] + d * f, lo), hi);
+    }
+    store_pack<VEC>(out + t.base + i, y);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    linf_init_kernel(const T* x, const float* u, T* out, int64_t D, int64_t per_sample,
+                     const float* eps_t, float eps, float lo, float hi) {
+  const TileInfo t = tile_info(D, per_sample);
+  const float e = eps_t ? eps_t[t.b] : eps;
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vx[VEC], vu[VEC], y[VEC];
+    load_pack<VEC>(x + t.base + i, vx);
+    load_pack<VEC>(u + t.base + i, vu);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) y[k] = fminf(fmaxf(vx[k] + e * (2.f * vu[k] - 1.f), lo), hi);
+    store_pack<VEC>(out + t.base + i, y);
+  }
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+struct Launch {
+  int64_t D, per_sample;
+  dim3 grid;
+  cudaStream_t stream;
+};
+
+Launch plan(const at::Tensor& x) {
+  const int64_t B = x.size(0), D = x.numel() / B;
+  const int64_t per_sample = (D + kTile - 1) / kTile;
+  TORCH_CHECK(B * per_sample <= INT32_MAX, "pyadvk: tensor too large for one launch (", x.numel(), " values)");
+  return {D, per_sample, dim3(static_cast<unsigned>(B * per_sample)), c10::cuda::getCurrentCUDAStream()};
+}
+
+// Calls f(std::integral_constant<int, VEC>) with the widest vector that every pointer allows.
+template <typename T, typename F>
+void with_vector_width(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
+  constexpr int W = 16 / sizeof(T);
+  bool ok = D % W == 0;
+  for (const void* p : ptrs) ok = ok && aligned(p, 16);
+  if (ok) {
+    f(std::integral_constant<int, W>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tensor& x_orig,
+              const at::Tensor& grad, double eps, double alpha, const std::optional<at::Tensor>& eps_t,
+              const std::optional<at::Tensor>& alpha_t, double lower, double upper, at::Tensor& out) {
+  check_step(op, at::kCUDA, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper);
+  if (x_adv.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+  const Launch L = plan(x_adv);
+  const float *et = optional_data(eps_t), *at_ = optional_data(alpha_t);
+  const float e = static_cast<float>(eps), a = static_cast<float>(alpha);
+  const float lo = static_cast<float>(lower), hi = static_cast<float>(upper);
+  at::Tensor partial;
+  if (norm == Norm::L2) partial = at::empty({static_cast<int64_t>(L.grid.x) * 3}, x_adv.options().dtype(at::kFloat));
+  dispatch_float(x_adv.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T *pa = x_adv.data_ptr<T>(), *po = x_orig.data_ptr<T>(), *pg = grad.data_ptr<T>();
+    T* py = out.data_ptr<T>();
+    with_vector_width<T>(L.D, {pa, po, pg, py}, [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      if (norm == Norm::Linf) {
+        linf_step_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, py, L.D, L.per_sample, et, e,
+                                                                    at_, a, lo, hi);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        float* part = partial.data_ptr<float>();
+        l2_reduce_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, part, L.D, L.per_sample);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        l2_apply_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, py, part, L.D, L.per_sample,
+                                                                   et, e, at_, a, lo, hi);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+}
+
+template <Norm N>
+at::Tensor step(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, double eps,
+                double alpha, const std::optional<at::Tensor>& eps_t,
+                const std::optional<at::Tensor>& alpha_t, double lower, double upper) {
+  auto out = at::empty_like(x_adv);
+  run_step(N, N == Norm::Linf ? "pgd_step_linf" : "pgd_step_l2", x_adv, x_orig, grad, eps, alpha, eps_t,
+           alpha_t, lower, upper, out);
+  return out;
+}
+
+template <Norm N>
+void step_(at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, double eps, double alpha,
+           const std::optional<at::Tensor>& eps_t, const std::optional<at::Tensor>& alpha_t,
+           double lower, double upper) {
+  run_step(N, N == Norm::Linf ? "pgd_step_linf_" : "pgd_step_l2_", x_adv, x_orig, grad, eps, alpha,
+           eps_t, alpha_t, lower, upper, x_adv);
+}
+
+at::Tensor random_init_linf(const at::Tensor& x, const at::Tensor& noise, double eps,
+                            const std::optional<at::Tensor>& eps_t, double lower, double upper) {
+  check_init("random_init_linf", at::kCUDA, x, noise, eps, eps_t, lower, upper);
+  auto out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Launch L = plan(x);
+  dispatch_float(x.scalar_type(), "random_init_linf", [&](auto tag) {
+    using T = decltype(tag);
+    const T* px = x.data_ptr<T>();
+    const float* pu = noise.data_ptr<float>();
+    T* py = out.data_ptr<T>();
+    constexpr int W = 16 / sizeof(T);
+    // The noise is float32: a vector of W values spans 4*W bytes.
+    const bool vec = L.D % W == 0 && aligned(px, 16) && aligned(py, 16) && aligned(pu, 4 * W);
+    if (vec) {
+      linf_init_kernel<T, W><<<L.grid, kThreads, 0, L.stream>>>(px, pu, py, L.D, L.per_sample,
+                                                                optional_data(eps_t), static_cast<float>(eps),
+                                                                static_cast<float>(lower),
+                                                                static_cast<float>(upper));
+    } else {
+      linf_init_kernel<T, 1><<<L.grid, kThreads, 0, L.stream>>>(px, pu, py, L.D, L.per_sample,
+                                                                optional_data(eps_t), static_cast<float>(eps),
+                                                                static_cast<float>(lower),
+                                                                static_cast<float>(upper));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyadvk, CUDA, m) {
+  m.impl("pgd_step_linf", &step<Norm::Linf>);
+  m.impl("pgd_step_linf_", &step_<Norm::Linf>);
+  m.impl("pgd_step_l2", &step<Norm::L2>);
+  m.impl("pgd_step_l2_", &step_<Norm::L2>);
+  m.impl("random_init_linf", &random_init_linf);
+}
+
+}  // namespace pyadvk

@@ -1,0 +1,107 @@
+"""Argument checks shared by every public function: each error names the argument, the bad value
+and what was expected. They run before any work, so a failed call changes nothing."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def tensor(name: str, value, *, dtypes=FLOAT_DTYPES, min_dim: int = 1) -> torch.Tensor:
+    """``value`` must be a tensor of one of ``dtypes`` with at least ``min_dim`` dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must be {_dtype_names(dtypes)}, got {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dim(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def like(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    """``value`` must have the shape, device (and dtype) of ``ref``."""
+    if value.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}"
+        )
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}")
+    if dtype and value.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {value.dtype}")
+
+
+def real(name: str, value, *, low: float | None = None, low_inclusive: bool = True) -> float:
+    """``value`` must be a real number (not NaN), >= low (or > low)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and (value < low or (not low_inclusive and value == low)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    return value
+
+
+def integer(name: str, value, *, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def bounds(lower, upper) -> tuple[float, float]:
+    lower, upper = real("lower", lower), real("upper", upper)
+    if not lower < upper:
+        raise ValueError(f"lower must be < upper, got lower={lower}, upper={upper}")
+    return lower, upper
+
+
+def choice(name: str, value, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value.lower()
+
+
+def per_sample(
+    name: str,
+    value,
+    batch: int,
+    device: torch.device,
+    *,
+    positive: bool = False,
+    check_values: bool = True,
+) -> tuple[float, torch.Tensor | None]:
+    """A scalar or per-sample value: returns (float, None) or (0.0, float32 tensor of shape (batch,)).
+
+    Tensor values are checked (>= 0, or > 0 if ``positive``) when ``check_values``; on a CUDA
+    tensor that costs one device sync, which attack loops avoid by checking once per attack.
+    """
+    if not isinstance(value, torch.Tensor):
+        return real(name, value, low=0.0, low_inclusive=not positive), None
+    if not (value.is_floating_point() and value.dim() == 1 and value.shape[0] == batch):
+        raise ValueError(
+            f"{name} must be a float or a floating tensor of shape ({batch},) (one value per sample), "
+            f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
+        )
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    value = value.to(torch.float32).contiguous()
+    if check_values and batch:
+        bad = torch.isnan(value) | (value <= 0 if positive else value < 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{name} must be {'>' if positive else '>='} 0 for every sample, got {float(value[i])} "
+                f"for sample {i}"
+            )
+    return 0.0, value

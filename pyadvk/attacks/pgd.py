@@ -1,0 +1,218 @@
+"""Gradient attacks on the fused step: PGD (L∞), PGDL2, FGSM, with targeted and momentum options.
+
+Call shape is torchattacks': ``adv = PGD(model, eps=8/255, alpha=2/255, steps=10)(images, labels)``.
+Unlike torchattacks, the model's train/eval mode is left exactly as the caller set it (torchattacks
+switches the model to eval during the attack), and gradients are taken with respect to the input
+only (``torch.autograd.grad``): no parameter ``.grad`` is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pyadvk import _checks
+from pyadvk.ops import pgd as _pgd
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attack:
+    """Base class: an object called as ``attack(images, labels) -> adv_images``.
+
+    Args:
+        model: maps images (B, ...) in [lower, upper] to logits (B, C).
+        eps: radius of the perturbation ball (>= 0), a float or a per-sample (B,) tensor.
+        norm: "linf" or "l2".
+        targeted: if True, ``labels`` are the target classes and the attack minimizes their loss.
+        loss: ``loss(logits, labels) -> scalar`` to maximize (untargeted) or minimize (targeted);
+            default ``nn.CrossEntropyLoss()`` (mean over the batch, as torchattacks).
+        lower, upper: the valid input range; images outside it are rejected.
+        backend: force a body of the fused step ("cuda", "triton", "cpp", "torch").
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float | torch.Tensor,
+        norm: str,
+        targeted: bool = False,
+        loss: LossFn | None = None,
+        lower: float = 0.0,
+        upper: float = 1.0,
+        backend: str | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be callable as loss(logits, labels), got {type(loss).__name__}")
+        self.model = model
+        self.norm = _checks.choice("norm", norm, _pgd.NORMS)
+        if not isinstance(eps, torch.Tensor):
+            _checks.real("eps", eps, low=0.0)
+        self.eps = eps
+        self.targeted = bool(targeted)
+        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
+        self.lower, self.upper = _checks.bounds(lower, upper)
+        self.backend = backend
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.forward(images, labels)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_inputs(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Rejects bad images/labels before any work (one device sync for the value checks)."""
+        _checks.tensor("images", images)
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be an int64 tensor of class indices, got {what}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},) (one per image), got {tuple(labels.shape)}"
+            )
+        if labels.device != images.device:
+            raise ValueError(f"labels must be on the device of images ({images.device}), got {labels.device}")
+        if images.numel():
+            lo, hi = torch.aminmax(images.detach())
+            lo, hi = float(lo), float(hi)
+            if not (self.lower <= lo and hi <= self.upper):
+                raise ValueError(
+                    f"images must lie in [lower, upper] = [{self.lower}, {self.upper}], got values in "
+                    f"[{lo}, {hi}]; pass lower=/upper= for another input range"
+                )
+
+    def check_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"model must return logits of shape ({labels.shape[0]}, C), got {shape}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+            raise ValueError(
+                f"labels must be class indices in [0, {logits.shape[1]}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+
+    def input_grad(self, x: torch.Tensor, labels: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Gradient of the attack objective with respect to the input only (to ascend)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            if first:
+                self.check_logits(logits, labels)
+            loss = self.loss(logits, labels)
+            if self.targeted:
+                loss = -loss
+            (grad,) = torch.autograd.grad(loss, x)
+        return grad
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("model", "loss"))
+        return f"{type(self).__name__}({fields})"
+
+
+class PGD(Attack):
+    """Projected gradient descent (Madry et al. 2018), L∞ by default.
+
+    ``x_0 = random_init(x)`` (or ``x``); ``x_{k+1} = pgd_step(x_k, x, ∇_x L(f(x_k), y))`` for
+    ``steps`` steps, each one fused kernel on the cuda/triton/cpp bodies, written in place.
+
+    With ``decay > 0`` it is MI-FGSM (Dong et al. 2018): the step follows the momentum
+    ``m = decay * m + g / mean(|g|)`` (per sample) instead of g.
+
+    With ``random_start=False`` the result equals torchattacks' PGD (and PGDL2 for
+    ``norm="l2"``) on the same model and inputs, up to fp32 rounding.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor = 8 / 255,
+        alpha: float | torch.Tensor = 2 / 255,
+        steps: int = 10,
+        random_start: bool = True,
+        *,
+        norm: str = "linf",
+        decay: float = 0.0,
+        targeted: bool = False,
+        loss: LossFn | None = None,
+        lower: float = 0.0,
+        upper: float = 1.0,
+        backend: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(model, eps=eps, norm=norm, targeted=targeted, loss=loss, lower=lower,
+                         upper=upper, backend=backend)
+        if not isinstance(alpha, torch.Tensor):
+            _checks.real("alpha", alpha, low=0.0, low_inclusive=False)
+        self.alpha = alpha
+        self.steps = _checks.integer("steps", steps, low=0)
+        self.random_start = bool(random_start)
+        self.decay = _checks.real("decay", decay, low=0.0)
+        self.generator = generator
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(images, labels)
+        images = images.detach()
+        if images.numel() == 0:
+            return images.clone()
+        norm, eps, eps_t, alpha, alpha_t, lower, upper = _pgd.step_params(
+            images, self.eps, self.alpha, self.norm, self.lower, self.upper
+        )
+        if self.random_start:
+            x_adv = _pgd.random_init(images, eps=self.eps, norm=norm, lower=lower, upper=upper,
+                                     generator=self.generator, backend=self.backend,
+                                     check_values=False)
+        else:
+            x_adv = images.clone()
+        momentum = torch.zeros_like(images, dtype=torch.float32) if self.decay > 0 else None
+        for k in range(self.steps):
+            grad = self.input_grad(x_adv, labels, first=k == 0)
+            if momentum is not None:
+                grad = self._momentum(momentum, grad).to(grad.dtype)
+            with torch.no_grad():
+                _pgd.run_step(norm, True, x_adv, images, grad, eps, alpha, eps_t, alpha_t, lower,
+                               upper, self.backend)
+        return x_adv
+
+    def _momentum(self, momentum: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.float()
+        scale = g.abs().reshape(g.shape[0], -1).mean(dim=1)
+        scale = torch.where(scale > 0, scale, 1.0).view((-1,) + (1,) * (g.dim() - 1))
+        return momentum.mul_(self.decay).add_(g / scale)
+
+
+class PGDL2(PGD):
+    """PGD in the L2 ball: ``PGDL2(model, eps=1.0, alpha=0.2, steps=10, random_start=True)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor = 1.0,
+        alpha: float | torch.Tensor = 0.2,
+        steps: int = 10,
+        random_start: bool = True,
+        **kwargs,
+    ) -> None:
+        if "norm" in kwargs:
+            raise TypeError("PGDL2 takes no norm= argument (it is always 'l2'); use PGD(norm=...)")
+        super().__init__(model, eps, alpha, steps, random_start, norm="l2", **kwargs)
+
+
+class FGSM(PGD):
+    """Fast gradient sign method (Goodfellow et al. 2015): one L∞ step of size eps from the image,
+    ``clamp(x + eps * sign(∇_x L), lower, upper)``."""
+
+    def __init__(self, model: nn.Module, eps: float | torch.Tensor = 8 / 255, **kwargs) -> None:
+        for name in ("norm", "alpha", "steps", "random_start", "decay"):
+            if name in kwargs:
+                raise TypeError(f"FGSM takes no {name}= argument (it is one L∞ step of size eps)")
+        # The step size is eps; where eps = 0 any step is projected back onto the image.
+        if isinstance(eps, torch.Tensor):
+            alpha = torch.where(eps > 0, eps, torch.ones_like(eps))
+        else:
+            alpha = eps if _checks.real("eps", eps, low=0.0) > 0 else 1.0
+        super().__init__(model, eps, alpha, 1, False, **kwargs)

@@ -1,0 +1,10 @@
+"""pyadvk's fused ops. Each op family lives in one module (schema, torch reference body, fake
+kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in kernels/."""
+
+from pyadvk import _extension
+from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
+
+# Load the compiled bodies after every schema above is declared.
+_extension.load()
+
+__all__ = ["pgd_step", "pgd_step_", "random_init"]

@@ -1,0 +1,259 @@
+"""Every body of the fused PGD ops against the torch reference, on fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyadvk.ops import pgd as pgd_ops
+from pyadvk.ops import pgd_step, pgd_step_, random_init
+from tests.conftest import available
+from tests.utils import assert_matches_reference
+
+CPU_BACKENDS = [b for b in available(pgd_ops.STEP, "cpu") if b != "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Shapes no block size divides, a batch of 1, images, flat vectors, one value per sample.
+SHAPES = st.sampled_from(
+    [(1, 1), (1, 7), (3, 1), (2, 3, 5, 7), (5, 3, 4, 4), (1, 3, 17, 19), (4, 1000), (2, 4100),
+     (3, 2, 3, 4, 5), (7,), (2, 16385)]
+)
+
+
+def make_inputs(shape, dtype, seed, *, nan_grad=False, zero_grad_sample=False, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x_orig = torch.rand(shape, generator=gen)
+    x_adv = (x_orig + 0.1 * (2 * torch.rand(shape, generator=gen) - 1)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    grad[torch.rand(shape, generator=gen) < 0.05] = 0.0
+    if nan_grad:
+        grad[torch.rand(shape, generator=gen) < 0.1] = math.nan
+    if zero_grad_sample:
+        grad[0] = 0.0
+    return [t.to(dtype=dtype, device=device) for t in (x_adv, x_orig, grad)]
+
+
+def per_sample(value, batch, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return value * (0.5 + torch.rand(batch, generator=gen)).to(device)
+
+
+step_cases = dict(
+    shape=SHAPES,
+    dtype=st.sampled_from(DTYPES),
+    norm=st.sampled_from(pgd_ops.NORMS),
+    eps=st.sampled_from([0.0, 0.01, 0.05, 0.5, math.inf]),
+    alpha=st.sampled_from([1e-3, 0.02, 0.3]),
+    per_sample_eps=st.booleans(),
+    per_sample_alpha=st.booleans(),
+    box=st.sampled_from([(0.0, 1.0), (0.2, 0.7), (-math.inf, math.inf)]),
+    nan_grad=st.booleans(),
+    zero_grad_sample=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _step_args(shape, dtype, norm, eps, alpha, per_sample_eps, per_sample_alpha, box, nan_grad,
+               zero_grad_sample, seed, device="cpu"):
+    x_adv, x_orig, grad = make_inputs(shape, dtype, seed, nan_grad=nan_grad,
+                                      zero_grad_sample=zero_grad_sample, device=device)
+    batch = shape[0]
+    if per_sample_eps and math.isfinite(eps):
+        eps = per_sample(eps, batch, seed, device)
+    if per_sample_alpha:
+        alpha = per_sample(alpha, batch, seed + 7, device)
+    return (x_adv, x_orig, grad), dict(eps=eps, alpha=alpha, norm=norm, lower=box[0], upper=box[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**step_cases)
+def test_step_matches_reference(backend, **case):
+    (x_adv, x_orig, grad), kw = _step_args(**case)
+    ref = pgd_step(x_adv, x_orig, grad, backend="torch", **kw)
+    out = pgd_step(x_adv, x_orig, grad, backend=backend, **kw)
+    assert_matches_reference(out, ref, what=f"{backend} pgd_step")
+    inplace = x_adv.clone()
+    returned = pgd_step_(inplace, x_orig, grad, backend=backend, **kw)
+    assert returned is inplace
+    assert_matches_reference(inplace, ref, what=f"{backend} pgd_step_")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "mixed", "strided"])
+def test_layouts(backend, layout):
+    x_adv, x_orig, grad = make_inputs((3, 4, 5, 6), torch.float32, 0)
+    kw = dict(eps=0.05, alpha=0.02, norm="l2")
+    ref = pgd_step(x_adv, x_orig, grad, backend="torch", **kw)
+    if layout == "channels_last":
+        x_adv, x_orig, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, x_orig, grad))
+    elif layout == "mixed":
+        x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+    else:  # x_adv is a non-dense view into a larger buffer: the in-place op must write through
+        buffer = torch.zeros(3, 4, 5, 12)
+        buffer[..., ::2] = x_adv
+        x_adv = buffer[..., ::2]
+    out = pgd_step(x_adv, x_orig, grad, backend=backend, **kw)
+    assert_matches_reference(out.contiguous(), ref, what=layout)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    pgd_step_(x_adv, x_orig, grad, backend=backend, **kw)
+    assert_matches_reference(x_adv.contiguous(), ref, what=f"{layout} in place")
+    if layout == "strided":
+        assert torch.equal(buffer[..., 1::2], torch.zeros(3, 4, 5, 6)), "wrote outside the view"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+def test_nan_and_zero_gradient_make_no_step(backend, norm):
+    x_adv, x_orig, _ = make_inputs((2, 50), torch.float32, 3)
+    grad = torch.full_like(x_adv, math.nan)
+    out = pgd_step(x_adv, x_orig, grad, eps=1.0, alpha=0.1, norm=norm, backend=backend)
+    torch.testing.assert_close(out, x_adv, rtol=0, atol=1e-7)
+    out = pgd_step(x_adv, x_orig, torch.zeros_like(x_adv), eps=1.0, alpha=0.1, norm=norm, backend=backend)
+    torch.testing.assert_close(out, x_adv, rtol=0, atol=1e-7)
+    # Where only some entries are NaN, those entries do not move under linf.
+    grad = torch.randn_like(x_adv)
+    grad[:, :10] = math.nan
+    out = pgd_step(x_adv, x_orig, grad, eps=1.0, alpha=0.1, norm=norm, backend=backend)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out[:, :10], x_adv[:, :10], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_step_semantics(backend):
+    """The formulas, checked on values worked out by hand."""
+    x_orig = torch.tensor([[0.5, 0.5, 0.98, 0.02]])
+    x_adv = torch.tensor([[0.5, 0.53, 0.98, 0.02]])
+    grad = torch.tensor([[1.0, 1.0, 2.0, -3.0]])
+    out = pgd_step(x_adv, x_orig, grad, eps=0.04, alpha=0.02, backend=backend)
+    # 0.5 + 0.02; 0.53 + 0.02 projected to 0.5 + 0.04; 1.0 clipped to 1; 0.0 clipped to 0.
+    torch.testing.assert_close(out, torch.tensor([[0.52, 0.54, 1.0, 0.0]]), rtol=0, atol=1e-7)
+    # l2: a step of 5 along (3, 4)/5 from the origin, projected onto the ball of radius 2.5.
+    x0 = torch.zeros(1, 2)
+    out = pgd_step(x0, x0, torch.tensor([[3.0, 4.0]]), eps=2.5, alpha=5.0, norm="l2",
+                   lower=-10, upper=10, backend=backend)
+    torch.testing.assert_close(out, torch.tensor([[1.5, 2.0]]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+def test_empty_batch(backend, norm):
+    x = torch.empty(0, 3, 4, 4)
+    out = pgd_step(x, x, x, eps=0.1, alpha=0.1, norm=norm, backend=backend)
+    assert out.shape == x.shape
+    assert pgd_step_(x, x, x, eps=0.1, alpha=0.1, norm=norm, backend=backend) is x
+    assert random_init(x, eps=0.1, norm=norm, backend=backend).shape == x.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), norm=st.sampled_from(pgd_ops.NORMS),
+       eps=st.sampled_from([0.0, 0.03, 1.0]), per_sample_eps=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_random_init_matches_reference(backend, shape, dtype, norm, eps, per_sample_eps, seed):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if per_sample_eps:
+        eps = per_sample(eps, shape[0], seed)
+    ref = random_init(x, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed), backend="torch")
+    out = random_init(x, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed), backend=backend)
+    assert_matches_reference(out, ref, what=f"{backend} random_init {norm}")
+
+
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+def test_random_init_is_uniform_in_the_ball(norm):
+    """linf: every value within eps, marginals uniform; l2: radius r with P(r <= t) = (t/eps)^D."""
+    eps, n, dim = 0.5, 4000, 3
+    x = torch.zeros(n, dim)
+    gen = torch.Generator().manual_seed(0)
+    d = random_init(x, eps=eps, norm=norm, lower=-1, upper=1, generator=gen)
+    if norm == "linf":
+        assert d.abs().max() <= eps
+        # Kolmogorov-Smirnov distance of the pooled values to U(-eps, eps).
+        v = d.flatten().sort().values
+        cdf = (v + eps) / (2 * eps)
+        emp = torch.arange(1, v.numel() + 1) / v.numel()
+        assert (cdf - emp).abs().max() < 0.02
+    else:
+        r = d.norm(dim=1)
+        assert r.max() <= eps * (1 + 1e-6)
+        v = r.sort().values
+        emp = torch.arange(1, n + 1) / n
+        assert ((v / eps) ** dim - emp).abs().max() < 0.03
+        direction = d / r[:, None]
+        assert direction.mean(0).abs().max() < 0.05  # no preferred direction
+
+
+def test_random_init_generator_reproducible():
+    x = torch.rand(2, 3, 8, 8)
+    a = random_init(x, eps=0.1, generator=torch.Generator().manual_seed(5))
+    b = random_init(x, eps=0.1, generator=torch.Generator().manual_seed(5))
+    c = random_init(x, eps=0.1, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck_compiled_cpu_ops(norm, inplace):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    x_adv, x_orig, grad = make_inputs((3, 2, 5, 5), torch.float32, 11)
+    op = getattr(torch.ops.pyadvk, f"pgd_step_{norm}{'_' if inplace else ''}").default
+    torch.library.opcheck(op, (x_adv, x_orig, grad, 0.05, 0.01, None, None, 0.0, 1.0))
+    torch.library.opcheck(op, (x_adv, x_orig, grad, 0.0, 0.0, torch.rand(3), torch.rand(3) + 0.1, 0.0, 1.0))
+
+
+def test_opcheck_random_init_cpu_op():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    x = torch.rand(2, 3, 4, 4)
+    torch.library.opcheck(torch.ops.pyadvk.random_init_linf.default, (x, torch.rand_like(x), 0.1, None, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "torch") if b in CPU_BACKENDS + ["torch"]])
+def test_torch_compile_fullgraph(backend):
+    x_adv, x_orig, grad = make_inputs((4, 3, 8, 8), torch.float32, 2)
+
+    def attack_step(x_adv, x_orig, grad):
+        pgd_step_(x_adv, x_orig, grad, eps=0.03, alpha=0.01, backend=backend)
+        return pgd_step(x_adv, x_orig, grad * 2, eps=0.03, alpha=0.01, norm="l2", backend=backend)
+
+    expected_adv = x_adv.clone()
+    expected = attack_step(expected_adv, x_orig, grad)
+    compiled = torch.compile(attack_step, fullgraph=True, backend="aot_eager")
+    got_adv = x_adv.clone()
+    got = compiled(got_adv, x_orig, grad)
+    torch.testing.assert_close(got_adv, expected_adv, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+ISA_ORDER = ["default", "avx2", "avx512"]
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("isa", ISA_ORDER)
+def test_every_cpu_instruction_set(isa):
+    """The cpp hot loops are compiled once per instruction set; run the reference tests on each
+    copy this CPU supports (PYADVK_CPU_ISA selects it in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyadvk import _extension
+
+    best = _extension.load().cpu_isa()
+    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
+        pytest.skip(f"this CPU supports at most {best}")
+    env = {**os.environ, "PYADVK_CPU_ISA": isa}
+    code = "import pyadvk; print(pyadvk._extension.load().cpu_isa())"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == isa
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "cpp and (matches_reference or layouts or nan_and_zero or semantics)"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:]
