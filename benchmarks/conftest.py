@@ -33,14 +33,21 @@ def median_seconds(fn, repeats: int = 20, warmup: int = 3) -> float:
 _copy_cache: dict[int, float] = {}
 
 
-def copy_bandwidth(numel: int) -> float:
+def copy_bandwidth(numel: int, total_bytes: int = 256 * 2**20) -> float:
     """Bytes per second of ``dst.copy_(src)`` for float32 tensors of ``numel`` values (1 read +
-    1 write per value), measured once per size in this process."""
+    1 write per value), measured once per size in this process, rotating over enough buffers
+    (like the ops' inputs) that caches do not flatter small sizes."""
     if numel not in _copy_cache:
-        src = torch.rand(numel, device=DEVICE)
-        dst = torch.empty_like(src)
-        t = median_seconds(lambda: dst.copy_(src))
-        _copy_cache[numel] = 2 * 4 * numel / t
+        sets = max(1, min(32, total_bytes // (2 * 4 * numel)))
+        pairs = [(torch.rand(numel, device=DEVICE), torch.empty(numel, device=DEVICE)) for _ in range(sets)]
+        state = {"i": 0}
+
+        def copy():
+            src, dst = pairs[state["i"] % sets]
+            state["i"] += 1
+            dst.copy_(src)
+
+        _copy_cache[numel] = 2 * 4 * numel / median_seconds(copy, repeats=max(20, 2 * sets))
     return _copy_cache[numel]
 
 
