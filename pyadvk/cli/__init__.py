@@ -1,22 +1,21 @@
 """The ``pyadvk`` command line: one module per subcommand, each with ``add_parser(subparsers)``
 that registers its arguments and sets ``run(args) -> int`` as the handler.
 
-User errors (bad paths, bad values) are raised as :class:`UserError` or ValueError/TypeError and
-printed as one line with a non-zero exit code, without a traceback.
+User errors (bad paths, bad values, a model that does not fit the data) are printed as one line
+with exit code 2 and no traceback (``PYADVK_DEBUG=1`` shows it). Every file a command writes is
+written atomically: an interruption or an error leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pyadvk.cli import demo, info
+from pyadvk.cli import ara, demo, explain, info, train
+from pyadvk.cli.common import UserError
 
-COMMANDS = (info, demo)
-
-
-class UserError(Exception):
-    """An error in what the user asked for: printed without a traceback, exit code 2."""
+COMMANDS = (info, demo, train, ara, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (UserError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("PYADVK_DEBUG") == "1":
+            raise
         print(f"pyadvk {args.command}: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, (UserError, FileNotFoundError)):
+            print("(set PYADVK_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pyadvk {args.command}: interrupted", file=sys.stderr)

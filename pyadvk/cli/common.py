@@ -1,0 +1,83 @@
+"""Arguments and checks shared by the commands that take a model and data."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pyadvk import data as data_mod
+from pyadvk import models
+
+
+class UserError(Exception):
+    """An error in what the user asked for: printed without a traceback, exit code 2."""
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+
+
+def device_from(args) -> torch.device:
+    if args.device:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is visible")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="FILE",
+                   help="TorchScript archive, pyadvk model file (pyadvk train), or state dict with --arch")
+    p.add_argument("--arch", default=None, choices=sorted(models.ARCHITECTURES),
+                   help="architecture of a bare state dict")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of --arch (default: the data's)")
+    p.add_argument("--in-channels", type=int, default=None, help="input channels of --arch (default: the data's)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow model files that hold pickled code (runs code from the file: only if you trust it)")
+
+
+def load_model(args, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
+    kwargs = {}
+    if args.arch:
+        kwargs["num_classes"] = args.num_classes or (info.num_classes if info else 10)
+        kwargs["in_channels"] = args.in_channels or (info.image_shape[0] if info else 3)
+        if args.arch == "small_cnn" and info:
+            kwargs["input_size"] = info.image_shape[-1]
+    return models.load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                             map_location=device, **kwargs)
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--data", default=default, required=default is None, metavar="SPEC",
+                   help="digits, digits:SIZE, cifar10:PATH or folder:PATH" + (f" (default {default})" if default else ""))
+    p.add_argument("--split", default="test", choices=("train", "test"), help="which split (default test)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
+
+
+def load_data(args, *, split: str | None = None, shuffle: bool = False):
+    dataset, info = data_mod.load(args.data, split or args.split)
+    if len(dataset) == 0:
+        raise UserError(f"--data {args.data}: no images")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle), info
+
+
+def check_model_on(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Checks the first batch is in [0, 1] and the model maps it to (B, C) logits; returns C."""
+    images, labels = next(iter(loader))
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise UserError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    with torch.no_grad():
+        logits = model(images[:2].to(device))
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != min(2, len(images)):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model must return (B, C) logits, got {shape} for a batch of {min(2, len(images))}")
+    if int(labels.max()) >= logits.shape[1]:
+        raise UserError(f"the data has label {int(labels.max())} but the model has {logits.shape[1]} classes")
+    return logits.shape[1]

@@ -1,0 +1,89 @@
+"""``pyadvk train``: train a named architecture with one of pyadvk's losses; writes a pyadvk
+model file, a resumable checkpoint and the history (all atomically)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from pyadvk import models, train
+from pyadvk._io import save_json
+from pyadvk.cli import common
+
+
+def make_loss(args):
+    """The training loss named by --loss, with the budget arguments."""
+    eps, steps = args.eps, args.attack_steps
+    alpha = args.alpha or 2.5 * eps / steps
+    if args.loss == "standard":
+        return train.standard_loss
+    if args.loss == "pgd":
+        return functools.partial(train.pgd_adversarial_loss, eps=eps, alpha=alpha, steps=steps)
+    if args.loss == "fast":
+        return functools.partial(train.fast_fgsm_loss, eps=eps)
+    if args.loss == "halfhalf":
+        return functools.partial(_half_half, eps=eps, alpha=alpha, steps=steps)
+    raise common.UserError(f"--loss {args.loss!r} is not known")
+
+
+def _half_half(model, images, labels, *, eps, alpha, steps):
+    from pyadvk.attacks import PGD
+
+    return train.half_half_loss(model, images, labels, attack=PGD(model, eps=eps, alpha=alpha, steps=steps))
+
+
+LOSSES = ("standard", "pgd", "fast", "halfhalf")
+
+
+def run(args) -> int:
+    device = common.device_from(args)
+    loader, info = common.load_data(args, split="train", shuffle=True)
+    test_loader, _ = common.load_data(args, split="test")
+    kwargs = {"num_classes": info.num_classes, "in_channels": info.image_shape[0], "activation": args.activation}
+    if args.arch == "small_cnn":
+        kwargs["input_size"] = info.image_shape[-1]
+    torch.manual_seed(args.seed)
+    model = models.build(args.arch, **kwargs).to(device)
+    common.check_model_on(model, loader, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    trainer = train.AdversarialTrainer(
+        model, optimizer, loader, loss_fn=make_loss(args), epochs=args.epochs, test_loader=test_loader,
+        device=device, checkpoint_dir=args.out, resume=not args.restart, amp=args.amp,
+        channels_last=args.channels_last,
+    )
+    if trainer.epoch:
+        print(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epoch}")
+    history = trainer.fit()
+    for h in history:
+        print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, test accuracy {h.get('test_accuracy', float('nan')):.4f}, "
+              f"{h['seconds']:.1f} s")
+    models.save_model(model, os.path.join(args.out, "model.pt"), args.arch, **kwargs)
+    save_json({"args": {k: v for k, v in vars(args).items() if k != "run"}, "history": history},
+              os.path.join(args.out, "history.json"))
+    print(f"wrote {os.path.join(args.out, 'model.pt')}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model with an adversarial-training loss",
+                       description="Trains --arch on --data with --loss; writes OUT/model.pt (load it with "
+                                   "the other commands' --model), OUT/checkpoint.pt (resumed automatically) "
+                                   "and OUT/history.json.")
+    common.add_data_args(p, default="digits")
+    common.add_device_arg(p)
+    p.add_argument("--arch", default="small_cnn", choices=sorted(models.ARCHITECTURES))
+    p.add_argument("--activation", default="relu", choices=("relu", "half_huber"))
+    p.add_argument("--loss", default="pgd", choices=LOSSES, help="training loss (default pgd)")
+    p.add_argument("--eps", type=float, default=8 / 255, help="L∞ budget of the training attack")
+    p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5·eps/steps)")
+    p.add_argument("--attack-steps", type=int, default=7, help="PGD steps of the training attack (default 7)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="mixed precision")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in OUT")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(run=run)

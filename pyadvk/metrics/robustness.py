@@ -1,0 +1,127 @@
+"""Robust accuracy under a given attack, and robust accuracy as a function of the budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pyadvk import _checks
+from pyadvk.attacks import PGD
+from pyadvk.metrics.ara import _model_device
+
+
+def _batches(loader: DataLoader, n: int | None, device: torch.device):
+    seen = 0
+    for images, labels in loader:
+        if n is not None:
+            images, labels = images[: n - seen], labels[: n - seen]
+        yield images.to(device), labels.to(device)
+        seen += len(images)
+        if n is not None and seen >= n:
+            return
+
+
+@dataclass
+class Accuracy:
+    correct: int
+    total: int
+
+    @property
+    def value(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+def robust_accuracy(
+    model: nn.Module,
+    loader: DataLoader,
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    *,
+    n: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> float:
+    """Fraction of the first ``n`` images (all by default) that ``model`` classifies correctly after
+    ``attack(images, labels)``; ``attack=None`` gives the clean accuracy."""
+    return _count(model, loader, attack, n, device, progress, "robust accuracy").value
+
+
+def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
+    device = torch.device(device) if device is not None else _model_device(model)
+    acc = Accuracy(0, 0)
+    for images, labels in tqdm(_batches(loader, n, device), desc=desc, disable=not progress, leave=False):
+        x = images if attack is None else attack(images, labels)
+        with torch.no_grad():
+            acc.correct += int((model(x).argmax(dim=1) == labels).sum())
+        acc.total += len(labels)
+    if acc.total == 0:
+        raise ValueError("loader yielded no images")
+    return acc
+
+
+@dataclass
+class RobustnessCurve:
+    """Robust accuracy of PGD for each budget in ``eps``."""
+
+    eps: list[float]
+    accuracy: list[float]
+    norm: str
+    label: str = ""
+
+    def to_dict(self) -> dict:
+        return {"eps": self.eps, "accuracy": self.accuracy, "norm": self.norm}
+
+    def plot(self, path: str) -> None:
+        plot_robustness([self], path)
+
+
+def plot_robustness(curves: Sequence[RobustnessCurve], path: str) -> None:
+    """One PNG with robust accuracy vs eps for every curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyadvk._io import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in curves:
+        ax.plot(c.eps, c.accuracy, marker="o", label=c.label or c.norm)
+    ax.set_xlabel(f"eps ({curves[0].norm})" if curves else "eps")
+    ax.set_ylabel("robust accuracy (PGD)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def robustness_curve(
+    model: nn.Module,
+    loader: DataLoader,
+    eps_list: Sequence[float],
+    *,
+    norm: str = "linf",
+    steps: int = 10,
+    step_ratio: float = 2.5,
+    n: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    label: str = "",
+    backend: str | None = None,
+) -> RobustnessCurve:
+    """Robust accuracy under PGD-``steps`` (random start, step ``alpha = step_ratio·eps/steps``)
+    for each ``eps`` in ``eps_list`` (eps = 0 gives the clean accuracy)."""
+    if not len(eps_list):
+        raise ValueError("eps_list must hold at least one budget")
+    accuracy = []
+    for eps in eps_list:
+        _checks.real("eps", eps, low=0.0)
+        attack = None
+        if eps > 0:
+            attack = PGD(model, eps=eps, alpha=step_ratio * eps / steps, steps=steps, norm=norm, backend=backend)
+        accuracy.append(_count(model, loader, attack, n, device, progress, f"PGD eps={eps:g}").value)
+    return RobustnessCurve([float(e) for e in eps_list], accuracy, norm, label)

@@ -1,0 +1,212 @@
+"""Named architectures, and safe loading of model files.
+
+Architectures (``build(name, **kwargs)``): ``small_cnn`` (the demo's network), ``resnet18`` (the
+CIFAR variant: 3×3 stem, no max-pool) and ``resnet50`` (the ImageNet one). Each takes
+``activation="relu"`` or ``"half_huber"`` (the half-Huber ReLU of Woods et al.).
+
+Model files (:func:`load_model`) are read safely by default:
+
+* a TorchScript archive (``torch.jit.save``): loaded with ``torch.jit.load``;
+* a pyadvk model file (:func:`save_model`: architecture name, its arguments and the weights) or a
+  plain state dict with ``arch=`` named: loaded with ``torch.load(weights_only=True)``, which
+  unpickles tensors and containers only.
+
+A file holding a pickled ``nn.Module`` is refused unless ``trust_pickle=True``: unpickling runs
+arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "pyadvk-model/1"
+
+
+def activation_layer(activation: str) -> nn.Module:
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "half_huber":
+        from pyadvk.nn import HalfHuberReLU
+
+        return HalfHuberReLU()
+    raise ValueError(f"activation must be 'relu' or 'half_huber', got {activation!r}")
+
+
+class SmallCNN(nn.Module):
+    """conv(32)-act-conv(32)-act-pool, conv(64)-act-conv(64)-act-pool, linear(128)-act-linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 16,
+                 width: int = 32, activation: str = "relu"):
+        super().__init__()
+        if input_size % 4:
+            raise ValueError(f"input_size must be a multiple of 4, got {input_size}")
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), activation_layer(activation),
+            nn.Conv2d(w, w, 3, padding=1), activation_layer(activation), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), activation_layer(activation),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), activation_layer(activation), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * w * (input_size // 4) ** 2, 4 * w), activation_layer(activation),
+            nn.Linear(4 * w, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int, activation: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = activation_layer(activation)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = activation_layer(activation)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, activation: str):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = activation_layer(activation)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = activation_layer(activation)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.act3 = activation_layer(activation)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        return self.act3(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers: list[int], num_classes: int, in_channels: int, stem: str,
+                 activation: str):
+        super().__init__()
+        if stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                      activation_layer(activation))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                      activation_layer(activation), nn.MaxPool2d(3, 2, 1))
+        cin, stages = 64, []
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1, activation))
+                cin = width * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, activation: str = "relu") -> ResNet:
+    """ResNet-18 for 32×32 inputs (CIFAR variant: 3×3 stem, no max-pool)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, "cifar", activation)
+
+
+def resnet50(num_classes: int = 1000, in_channels: int = 3, activation: str = "relu") -> ResNet:
+    """ResNet-50 for 224×224 inputs (ImageNet stem)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, "imagenet", activation)
+
+
+ARCHITECTURES = {"small_cnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name](**kwargs)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, arch: str, **arch_kwargs) -> None:
+    """Writes a pyadvk model file (atomically): architecture name, its arguments, the weights.
+    It loads with ``torch.load(weights_only=True)``: no code is unpickled."""
+    from pyadvk._io import save_torch
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch({"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs, "state_dict": state}, path)
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+
+
+def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
+               map_location: str | torch.device = "cpu", **arch_kwargs: Any) -> nn.Module:
+    """Loads a model file safely (see the module docstring); the model is returned in eval mode."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    if _is_torchscript(path):
+        try:
+            return torch.jit.load(path, map_location=map_location).eval()
+        except RuntimeError as exc:
+            raise ValueError(f"{path!r} looks like a TorchScript archive but does not load: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise ValueError(
+                f"{path!r} is not a TorchScript archive, a pyadvk model file or a state dict: it holds "
+                "pickled code (for example a whole nn.Module). Loading it runs code from the file; "
+                "pass --trust-pickle (trust_pickle=True) only if you trust its source."
+            ) from exc
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path!r} is not a model file torch can read: {exc}") from exc
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        arch = arch or obj["arch"]
+        arch_kwargs = {**obj.get("arch_kwargs", {}), **arch_kwargs}
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a model, a pyadvk model file or a state dict")
+    if arch is None:
+        raise ValueError(
+            f"{path!r} holds a bare state dict: name its architecture with --arch "
+            f"({', '.join(ARCHITECTURES)})"
+        )
+    model = build(arch, **arch_kwargs)
+    try:
+        model.load_state_dict(obj)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights in {path!r} do not fit arch {arch!r} {arch_kwargs}: {exc}") from exc
+    return model.to(map_location).eval()

@@ -1,0 +1,14 @@
+"""Training drop-ins: losses ``loss_fn(model, images, labels) -> loss`` for any training loop, and
+a small :class:`AdversarialTrainer` around them."""
+
+from pyadvk.train.adversarial import (
+    fast_fgsm_loss,
+    half_half,
+    half_half_loss,
+    pgd_adversarial_loss,
+    standard_loss,
+)
+from pyadvk.train.trainer import AdversarialTrainer
+
+__all__ = ["AdversarialTrainer", "fast_fgsm_loss", "half_half", "half_half_loss", "pgd_adversarial_loss",
+           "standard_loss"]

@@ -1,0 +1,176 @@
+"""A small training loop around any pyadvk loss: progress bars, mixed precision, channels_last,
+a checkpoint at the end of every epoch, and resume from it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pyadvk import _checks
+from pyadvk._io import save_torch
+from pyadvk.train.adversarial import pgd_adversarial_loss
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AdversarialTrainer:
+    """Trains ``model`` with ``loss_fn(model, images, labels) -> loss`` for ``epochs`` epochs.
+
+    Args:
+        model, optimizer: what to train and how; ``scheduler`` (optional) steps once per epoch.
+        train_loader: yields ``(images, labels)``; ``test_loader`` (optional) is evaluated for
+            clean accuracy after every epoch.
+        loss_fn: default PGD-7 adversarial training (:func:`pgd_adversarial_loss`). A loss object
+            with ``state_dict``/``load_state_dict`` (e.g. one holding an adaptive weight) is saved in
+            the checkpoint too.
+        checkpoint_dir: where ``checkpoint.pt`` is written (atomically) after every epoch; with
+            ``resume=True`` an existing one is loaded and training continues after its epoch.
+        amp: None, "bf16" or "fp16" (autocast; fp16 with a gradient scaler).
+        channels_last: convert the model and every batch to channels_last.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader,
+        *,
+        loss_fn: LossFn = pgd_adversarial_loss,
+        epochs: int = 10,
+        test_loader: DataLoader | None = None,
+        scheduler=None,
+        device: torch.device | str | None = None,
+        checkpoint_dir: str | None = None,
+        resume: bool = True,
+        amp: str | None = None,
+        channels_last: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.epochs = _checks.integer("epochs", epochs, low=0)
+        if amp is not None:
+            _checks.choice("amp", amp, tuple(AMP_DTYPES))
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.loss_fn = loss_fn
+        self.checkpoint_dir = checkpoint_dir
+        self.amp, self.channels_last, self.progress = amp, channels_last, progress
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.epoch = 0
+        self.history: list[dict] = []
+        if checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
+            self.load_checkpoint(self.checkpoint_path)
+
+    @property
+    def checkpoint_path(self) -> str:
+        if not self.checkpoint_dir:
+            raise ValueError("no checkpoint_dir was given")
+        return os.path.join(self.checkpoint_dir, "checkpoint.pt")
+
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.amp is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def train_epoch(self) -> dict:
+        self.model.train()
+        total, count, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress,
+                   leave=False)
+        for images, labels in bar:
+            images, labels = self._batch(images, labels)
+            with self._autocast():
+                loss = self.loss_fn(self.model, images, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            total += float(loss.detach()) * len(labels)
+            count += len(labels)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"epoch": self.epoch + 1, "train_loss": total / max(count, 1),
+                "seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> float:
+        """Clean accuracy on ``loader`` (model in eval mode for the pass, then restored)."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = total = 0
+        for images, labels in loader:
+            images, labels = self._batch(images, labels)
+            with self._autocast():
+                correct += int((self.model(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+        self.model.train(was_training)
+        return correct / max(total, 1)
+
+    def fit(self) -> list[dict]:
+        """Trains the remaining epochs; returns the history (one dict per epoch)."""
+        while self.epoch < self.epochs:
+            record = self.train_epoch()
+            if self.test_loader is not None:
+                record["test_accuracy"] = self.evaluate(self.test_loader)
+            self.epoch += 1
+            self.history.append(record)
+            if self.checkpoint_dir:
+                self.save_checkpoint(self.checkpoint_path)
+        self.model.eval()
+        return self.history
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "history": self.history, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if hasattr(self.loss_fn, "state_dict"):
+            state["loss"] = self.loss_fn.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "loss" in state and hasattr(self.loss_fn, "load_state_dict"):
+            self.loss_fn.load_state_dict(state["loss"])
+        torch.set_rng_state(state["rng"].cpu())
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+
+    def save_checkpoint(self, path: str) -> None:
+        save_torch(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path!r} does not load: {exc}") from exc
+        self.load_state_dict(state)

@@ -1,0 +1,94 @@
+"""The command line: train, ara, explain, their --help, and user errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyadvk import models
+from pyadvk.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyadvk", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    code = main(["train", "--data", "digits:8", "--loss", "fast", "--epochs", "2", "--batch-size", "128",
+                 "--lr", "3e-3", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_model_checkpoint_history(trained):
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "history.json", "model.pt"]
+    history = json.loads((trained / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    model = models.load_model(trained / "model.pt")
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_train_resumes(trained, capsys):
+    assert main(["train", "--data", "digits:8", "--loss", "fast", "--epochs", "3", "--batch-size", "128",
+                 "--out", str(trained)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    history = json.loads((trained / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_ara_command(trained, tmp_path, capsys):
+    assert main(["ara", "--model", str(trained / "model.pt"), "--data", "digits:8", "--n", "20", "--steps", "30",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "misclassify-ARA" in out and "btr-ARA" in out
+    report = json.loads((tmp_path / "ara.json").read_text())
+    assert [r["criterion"] for r in report["results"]] == ["misclassify", "btr"]
+    assert all(r["n"] == 20 for r in report["results"])
+    assert (tmp_path / "ara.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_command(trained, tmp_path):
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "grid.png"
+    assert main(["explain", "--model", str(trained / "model.pt"), "--image", str(tmp_path / "in.png"),
+                 "--targets", "0,3", "--steps", "5", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_for_every_command():
+    for command in ("info", "demo", "train", "ara", "explain"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: pyadvk" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ara", "--model", "/nonexistent/model.pt", "--data", "digits:8"], "model file '/nonexistent/model.pt' does not exist"),
+        (["ara", "--model", "MODEL", "--data", "cifar10:/nonexistent"], "CIFAR-10 folder '/nonexistent' does not exist"),
+        (["ara", "--model", "MODEL", "--data", "imagenet:/x"], "data must be 'digits'"),
+        (["ara", "--model", "PICKLED", "--data", "digits:8"], "pass --trust-pickle"),
+        (["ara", "--model", "BADOUT", "--data", "digits:8"], "the model must return (B, C) logits"),
+        (["explain", "--model", "MODEL", "--image", "/nonexistent.png"], "image file '/nonexistent.png' does not exist"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
+    torch.save(nn.Flatten(), tmp_path / "pickled.pt")
+    torch.jit.script(nn.Identity()).save(str(tmp_path / "badout.pt"))
+    subst = {"MODEL": str(trained / "model.pt"), "PICKLED": str(tmp_path / "pickled.pt"),
+             "BADOUT": str(tmp_path / "badout.pt")}
+    result = run_cli(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists(), "a failed command wrote output"
