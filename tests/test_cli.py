@@ -45,7 +45,7 @@ def test_train_resumes(trained, capsys):
 
 
 def test_ara_command(trained, tmp_path, capsys):
-    assert main(["ara", "--model", str(trained / "model.pt"), "--data", "digits:8", "--n", "20", "--steps", "30",
+    assert main(["ara", "--model", str(trained / "model.pt"), "--data", "digits:8", "--num-images", "20", "--steps", "30",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "misclassify-ARA" in out and "btr-ARA" in out

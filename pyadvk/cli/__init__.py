@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from pyadvk import distributed
 from pyadvk.cli import ara, demo, explain, info, train
 from pyadvk.cli.common import UserError
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        distributed.init_from_env()
         return int(args.run(args) or 0)
     except (UserError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         if os.environ.get("PYADVK_DEBUG") == "1":

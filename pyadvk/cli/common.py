@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pyadvk import data as data_mod
-from pyadvk import models
+from pyadvk import distributed, models
 
 
 class UserError(Exception):
@@ -20,7 +20,15 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
 
 
+def say(*parts) -> None:
+    """print(), on rank 0 only (every process prints without a process group)."""
+    if distributed.is_main():
+        print(*parts)
+
+
 def device_from(args) -> torch.device:
+    if distributed.is_distributed():
+        return distributed.local_device()
     if args.device:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -58,12 +66,17 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
     p.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
 
 
-def load_data(args, *, split: str | None = None, shuffle: bool = False):
+def load_data(args, *, split: str | None = None, shuffle: bool = False, n: int | None = None):
+    """The loader of --data (this rank's shard of its first ``n`` images under torchrun)."""
     dataset, info = data_mod.load(args.data, split or args.split)
     if len(dataset) == 0:
         raise UserError(f"--data {args.data}: no images")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if distributed.is_distributed():
+        return distributed.shard_loader(dataset, args.batch_size, n=n, shuffle=shuffle, seed=getattr(args, "seed", 0)), info
+    if n is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle), info
 
 

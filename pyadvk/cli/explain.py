@@ -7,11 +7,13 @@ import os
 import torch
 
 from pyadvk import data as data_mod
-from pyadvk import explain
+from pyadvk import distributed, explain
 from pyadvk.cli import common
 
 
 def run(args) -> int:
+    if not distributed.is_main():  # one image: under torchrun, rank 0 does it all
+        return 0
     device = common.device_from(args)
     model = common.load_model(args, device)
     first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None

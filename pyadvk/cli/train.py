@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from pyadvk import models, train
+from pyadvk import distributed, models, train
 from pyadvk._io import save_json
 from pyadvk.cli import common
 
@@ -54,15 +54,16 @@ def run(args) -> int:
         channels_last=args.channels_last,
     )
     if trainer.epoch:
-        print(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epoch}")
+        common.say(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epoch}")
     history = trainer.fit()
     for h in history:
-        print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, test accuracy {h.get('test_accuracy', float('nan')):.4f}, "
+        common.say(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, test accuracy {h.get('test_accuracy', float('nan')):.4f}, "
               f"{h['seconds']:.1f} s")
-    models.save_model(model, os.path.join(args.out, "model.pt"), args.arch, **kwargs)
-    save_json({"args": {k: v for k, v in vars(args).items() if k != "run"}, "history": history},
-              os.path.join(args.out, "history.json"))
-    print(f"wrote {os.path.join(args.out, 'model.pt')}")
+    if distributed.is_main():
+        models.save_model(model, os.path.join(args.out, "model.pt"), args.arch, **kwargs)
+        save_json({"args": {k: v for k, v in vars(args).items() if k != "run"}, "history": history,
+                   "world_size": distributed.world_size()}, os.path.join(args.out, "history.json"))
+    common.say(f"wrote {os.path.join(args.out, 'model.pt')}")
     return 0
 
 
@@ -70,7 +71,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model with an adversarial-training loss",
                        description="Trains --arch on --data with --loss; writes OUT/model.pt (load it with "
                                    "the other commands' --model), OUT/checkpoint.pt (resumed automatically) "
-                                   "and OUT/history.json.")
+                                   "and OUT/history.json. Runs unchanged under torchrun --nproc_per_node=N "
+                                   "(DistributedDataParallel, one data shard per rank).")
     common.add_data_args(p, default="digits")
     common.add_device_arg(p)
     p.add_argument("--arch", default="small_cnn", choices=sorted(models.ARCHITECTURES))

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pyadvk import _checks
+from pyadvk import _checks, distributed
 from pyadvk.attacks.l2min import CRITERIA, L2Min
 
 
@@ -113,7 +113,7 @@ def ara(
     loader: DataLoader,
     *,
     criterion: str = "misclassify",
-    n: int = 1000,
+    n: int | None = 1000,
     num_classes: int | None = None,
     steps: int = 450,
     budget: float = 20.0,
@@ -122,31 +122,46 @@ def ara(
     progress: bool = True,
     label: str = "",
 ) -> AraResult:
-    """ARA of ``model`` on the first ``n`` images of ``loader`` (see the module docstring).
+    """ARA of ``model`` on the first ``n`` images of ``loader`` (all of them for ``n=None``; see
+    the module docstring).
 
     ``num_classes`` defaults to the width of the model's logits. The model is used as it is (call
-    ``model.eval()`` first for a model with batch norm or dropout).
+    ``model.eval()`` first for a model with batch norm or dropout). In a torch.distributed process
+    group every rank attacks its own loader and the distances are gathered: build the loaders with
+    :func:`pyadvk.distributed.shard_loader` (which takes ``n``) and pass ``n=None``; the result is
+    the same as one process on the same images.
     """
     criterion = _checks.choice("criterion", criterion, CRITERIA)
-    _checks.integer("n", n, low=1)
+    if n is not None:
+        _checks.integer("n", n, low=1)
+        if distributed.is_distributed():
+            raise ValueError("in a process group pass n=None and limit the images with "
+                             "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)")
+    distributed.check_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
     attack = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion)
     distances = []
     seen = 0
-    bar = tqdm(total=n, desc=f"{criterion}-ARA", unit="img", disable=not progress, leave=False)
+    total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
+    bar = tqdm(total=total, desc=f"{criterion}-ARA", unit="img", leave=False,
+               disable=not progress or not distributed.is_main())
     for images, labels in loader:
-        images, labels = images[: n - seen].to(device), labels[: n - seen].to(device)
+        if n is not None:
+            images, labels = images[: n - seen], labels[: n - seen]
+        images, labels = images.to(device), labels.to(device)
         if num_classes is None:
             with torch.no_grad():
                 num_classes = model(images[:1]).shape[1]
         distances.append(attack(images, labels).distances.cpu())
         seen += len(images)
         bar.update(len(images))
-        if seen >= n:
+        if n is not None and seen >= n:
             break
     bar.close()
-    if not distances:
+    d = distributed.all_gather_cat(torch.cat(distances) if distances else torch.empty(0))
+    if d.numel() == 0:
         raise ValueError("loader yielded no images")
-    d = torch.cat(distances)
+    if distributed.is_distributed():
+        num_classes = int(distributed.all_gather_cat(torch.tensor([num_classes or 0])).max())
     return AraResult(ara_from_distances(d, num_classes), criterion, num_classes, d,
                      int((~torch.isfinite(d)).sum()), label)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pyadvk import _checks
+from pyadvk import _checks, distributed
 from pyadvk.attacks import PGD
 from pyadvk.metrics.ara import _model_device
 
@@ -46,21 +46,29 @@ def robust_accuracy(
     progress: bool = True,
 ) -> float:
     """Fraction of the first ``n`` images (all by default) that ``model`` classifies correctly after
-    ``attack(images, labels)``; ``attack=None`` gives the clean accuracy."""
+    ``attack(images, labels)``; ``attack=None`` gives the clean accuracy. In a process group the
+    counts of every rank's loader are summed (see :func:`pyadvk.metrics.ara`)."""
     return _count(model, loader, attack, n, device, progress, "robust accuracy").value
 
 
 def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
+    """Correct predictions after ``attack``, summed over the loader and over the ranks."""
+    if n is not None and distributed.is_distributed():
+        raise ValueError("in a process group pass n=None and limit the images with "
+                         "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)")
+    distributed.check_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
-    acc = Accuracy(0, 0)
-    for images, labels in tqdm(_batches(loader, n, device), desc=desc, disable=not progress, leave=False):
+    correct = total = 0
+    bar = tqdm(_batches(loader, n, device), desc=desc, leave=False, disable=not progress or not distributed.is_main())
+    for images, labels in bar:
         x = images if attack is None else attack(images, labels)
         with torch.no_grad():
-            acc.correct += int((model(x).argmax(dim=1) == labels).sum())
-        acc.total += len(labels)
-    if acc.total == 0:
+            correct += int((model(x).argmax(dim=1) == labels).sum())
+        total += len(labels)
+    correct, total = (int(v) for v in distributed.all_reduce_sum([correct, total]))
+    if total == 0:
         raise ValueError("loader yielded no images")
-    return acc
+    return Accuracy(correct, total)
 
 
 @dataclass

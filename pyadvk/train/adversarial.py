@@ -2,7 +2,9 @@
 for the caller's ``backward()``, so it drops into any training loop.
 
 The attacks inside take gradients with respect to the input only (no parameter ``.grad`` is
-touched) and run the model in whatever mode the caller set (``model.train()`` in a training loop,
+touched; under DistributedDataParallel they run on the wrapped module, so they start no gradient
+all-reduce: only the final forward/backward of the loss synchronizes) and run the model in
+whatever mode the caller set (``model.train()`` in a training loop,
 as Madry et al. and Wong et al. do). They run under the caller's autocast context, and
 channels_last inputs stay channels_last.
 """
@@ -14,6 +16,7 @@ from torch import nn
 
 from pyadvk import _checks
 from pyadvk.attacks import PGD, Attack
+from pyadvk.distributed import unwrap
 from pyadvk.ops import pgd as pgd_ops
 
 
@@ -34,7 +37,7 @@ def pgd_adversarial_loss(
 ) -> torch.Tensor:
     """PGD adversarial training (Madry et al. 2018): cross-entropy on PGD-``steps`` images
     (random start)."""
-    adv = PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, backend=backend)(images, labels)
+    adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, norm=norm, backend=backend)(images, labels)
     return _cross_entropy(model(adv), labels)
 
 
@@ -53,7 +56,7 @@ def fast_fgsm_loss(
     eps = _checks.real("eps", eps, low=0.0, low_inclusive=False)
     alpha = 1.25 * eps if alpha is None else alpha
     adv = pgd_ops.random_init(images.detach(), eps=eps, generator=generator, backend=backend)
-    grad = Attack(model, eps=eps, norm="linf").input_grad(adv, labels)
+    grad = Attack(unwrap(model), eps=eps, norm="linf").input_grad(adv, labels)
     with torch.no_grad():
         pgd_ops.pgd_step_(adv, images.detach(), grad, eps=eps, alpha=alpha, backend=backend)
     return _cross_entropy(model(adv), labels)
@@ -90,7 +93,7 @@ def half_half_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Cross-entropy on a batch whose random half is adversarial (default attack: PGD-7, L∞ 8/255)."""
-    attack = attack or PGD(model, eps=8 / 255, alpha=2 / 255, steps=7)
+    attack = attack or PGD(unwrap(model), eps=8 / 255, alpha=2 / 255, steps=7)
     return _cross_entropy(model(half_half(images, labels, attack, fraction=fraction, generator=generator)), labels)
 
 

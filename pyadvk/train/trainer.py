@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pyadvk import _checks
+from pyadvk import _checks, distributed
 from pyadvk._io import save_torch
 from pyadvk.train.adversarial import pgd_adversarial_loss
 
@@ -34,6 +34,13 @@ class AdversarialTrainer:
             ``resume=True`` an existing one is loaded and training continues after its epoch.
         amp: None, "bf16" or "fp16" (autocast; fp16 with a gradient scaler).
         channels_last: convert the model and every batch to channels_last.
+
+    In a torch.distributed process group (e.g. under ``torchrun``) the model is wrapped in
+    DistributedDataParallel; each rank trains on its loader's shard (use
+    :func:`pyadvk.distributed.shard_loader` with ``shuffle=True``: the trainer calls its
+    ``set_epoch``), the attacks inside pyadvk's losses run on the unwrapped module (input-only
+    gradients, no all-reduce), reported losses and accuracies are summed over ranks, and only rank 0
+    writes the checkpoint, which records the world size it needs to resume.
     """
 
     def __init__(
@@ -57,9 +64,14 @@ class AdversarialTrainer:
         if amp is not None:
             _checks.choice("amp", amp, tuple(AMP_DTYPES))
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device)
+        model = distributed.unwrap(model).to(self.device)
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.model = model
+        if distributed.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.test_loader = train_loader, test_loader
         self.loss_fn = loss_fn
@@ -90,9 +102,12 @@ class AdversarialTrainer:
 
     def train_epoch(self) -> dict:
         self.model.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
         total, count, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress,
-                   leave=False)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                   disable=not self.progress or not distributed.is_main())
         for images, labels in bar:
             images, labels = self._batch(images, labels)
             with self._autocast():
@@ -112,21 +127,24 @@ class AdversarialTrainer:
             bar.set_postfix(loss=f"{total / count:.4f}")
         if self.scheduler is not None:
             self.scheduler.step()
+        total, count = distributed.all_reduce_sum([total, count]).tolist()
         return {"epoch": self.epoch + 1, "train_loss": total / max(count, 1),
                 "seconds": time.perf_counter() - start}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> float:
-        """Clean accuracy on ``loader`` (model in eval mode for the pass, then restored)."""
-        was_training = self.model.training
-        self.model.eval()
+        """Clean accuracy on ``loader`` (model in eval mode for the pass, then restored); in a
+        process group, over every rank's loader."""
+        was_training = self.module.training
+        self.module.eval()
         correct = total = 0
         for images, labels in loader:
             images, labels = self._batch(images, labels)
             with self._autocast():
-                correct += int((self.model(images).argmax(dim=1) == labels).sum())
+                correct += int((self.module(images).argmax(dim=1) == labels).sum())
             total += len(labels)
-        self.model.train(was_training)
+        self.module.train(was_training)
+        correct, total = distributed.all_reduce_sum([correct, total]).tolist()
         return correct / max(total, 1)
 
     def fit(self) -> list[dict]:
@@ -139,12 +157,13 @@ class AdversarialTrainer:
             self.history.append(record)
             if self.checkpoint_dir:
                 self.save_checkpoint(self.checkpoint_path)
-        self.model.eval()
+        self.module.eval()
         return self.history
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "history": self.history, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        state = {"epoch": self.epoch, "history": self.history, "model": self.module.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "world_size": distributed.world_size()}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -154,7 +173,8 @@ class AdversarialTrainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        distributed.check_world_size(state.get("world_size"), "this checkpoint")
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -166,7 +186,10 @@ class AdversarialTrainer:
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
 
     def save_checkpoint(self, path: str) -> None:
-        save_torch(self.state_dict(), path)
+        """Rank 0 writes (atomically); every rank waits until the file is complete."""
+        if distributed.is_main():
+            save_torch(self.state_dict(), path)
+        distributed.barrier()
 
     def load_checkpoint(self, path: str) -> None:
         try:
