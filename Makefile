@@ -28,7 +28,7 @@ demo: install
 	$(PY) -m pyadvk demo
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,ops
+	$(PY) -m pyadvk bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pyadvk/_C*.so .pytest_cache .hypothesis .benchmarks

@@ -72,6 +72,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "pybind11"],
+        # Peer libraries timed by benchmarks/bench_attack.py when installed (never needed by the
+        # package or the tests; torchattacks pulls torchvision, which may want another torch).
+        "peers": ["torchattacks", "foolbox"],
     },
     entry_points={"console_scripts": ["pyadvk=pyadvk.__main__:main"]},
     ext_modules=ext_modules,

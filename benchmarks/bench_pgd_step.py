@@ -1,9 +1,10 @@
 """pgd_step (linf, l2): every body vs the unfused op chain torchattacks runs (re-implemented in
 pyadvk.baselines) vs torch.compile of the torch body, from a CIFAR batch to an ImageNet batch.
 
-Run: ``make bench`` or ``pytest benchmarks/bench_pgd_step.py --benchmark-json=out.json``, then
-``python benchmarks/summarize.py out.json``. Every row carries, in ``extra_info``, the effective
-bandwidth (3 reads + 1 write per value) and its share of the copy bandwidth measured in this run.
+Run: ``pyadvk bench --ops pgd_step`` (or ``pytest benchmarks/bench_pgd_step.py
+--benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). Every row carries
+the effective bandwidth (3 reads + 1 write per value) and its share of the copy bandwidth
+measured in the same run.
 Inputs rotate over enough buffers (>= 256 MiB) that caches do not flatter the small sizes.
 """
 
@@ -14,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, copy_bandwidth, median_seconds, sync
+from benchmarks.conftest import DEVICE, impls, record, run_benchmark, sizes
 from pyadvk import baselines
 from pyadvk.ops import pgd as pgd_ops
 
@@ -57,9 +58,9 @@ def make_step(impl: str, norm: str):
     return lambda xa, xo, g: pgd_ops.pgd_step_(xa, xo, g, eps=eps, alpha=alpha, norm=norm, backend=impl)
 
 
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", sizes(SIZES))
 @pytest.mark.parametrize("norm", pgd_ops.NORMS)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_pgd_step(benchmark, size, norm, impl):
     if impl not in ("unfused", "compile"):
         why = pgd_ops.STEP.reason(impl, DEVICE.type)
@@ -74,17 +75,8 @@ def test_pgd_step(benchmark, size, norm, impl):
         xa, xo, g = inputs[state["i"] % len(inputs)]
         state["i"] += 1
         step(xa, xo, g)
-        sync()
 
-    seconds = median_seconds(run, repeats=3, warmup=2)  # includes compilation on first calls
-    rounds = int(min(200, max(5, 2.0 / max(seconds, 1e-6))))
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
+    times = run_benchmark(benchmark, run)
     numel = torch.Size(shape).numel()
-    median = benchmark.stats.stats.median
-    gbps = 4 * 4 * numel / median  # 3 reads + 1 write of float32
-    copy = copy_bandwidth(numel)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), size=size, shape=list(shape), norm=norm, impl=impl,
-        numel=numel, gbps=gbps / 1e9, copy_gbps=copy / 1e9, pct_of_copy=100 * gbps / copy,
-    )
+    record(benchmark, times, op="pgd_step", case=norm, size=size, shape=shape, impl=impl,
+           bytes_moved=4 * 4 * numel, norm=norm)  # 3 reads + 1 write of float32

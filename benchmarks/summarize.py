@@ -1,9 +1,7 @@
-"""Summarize a pytest-benchmark JSON of bench_pgd_step.py as a markdown table.
+"""Summarize a pytest-benchmark JSON of this suite (or a ``pyadvk bench`` bench.json) as the
+markdown table ``pyadvk bench`` prints.
 
     python benchmarks/summarize.py results.json
-
-One row per (size, norm, impl): median time, effective bandwidth (3 reads + 1 write per value),
-share of the copy bandwidth measured in the same run, and speedup over the unfused chain.
 """
 
 from __future__ import annotations
@@ -11,38 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def rows(data: dict) -> list[dict]:
-    out = [dict(b["extra_info"], median=b["stats"]["median"]) for b in data["benchmarks"] if b.get("extra_info")]
-    unfused = {(r["size"], r["norm"]): r["median"] for r in out if r["impl"] == "unfused"}
-    for r in out:
-        base = unfused.get((r["size"], r["norm"]))
-        r["speedup"] = base / r["median"] if base else float("nan")
-    return out
-
-
-def table(data: dict) -> str:
-    lines = [
-        "| size | norm | impl | median ms | GB/s | % of copy | × unfused |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows(data):
-        lines.append(
-            f"| {r['size']} | {r['norm']} | {r['impl']} | {1e3 * r['median']:.3f} | {r['gbps']:.1f} | "
-            f"{r['pct_of_copy']:.0f}% | {r['speedup']:.2f} |"
-        )
-    first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
-    head = f"Device: {first.get('device', '?')}, {first.get('threads', '?')} CPU threads; "
-    head += f"machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}"
-    return head + "\n\n" + "\n".join(lines)
+from pyadvk.cli.bench import rows_from_pytest, table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output, or bench.json")
     args = parser.parse_args()
     with open(args.json) as f:
-        print(table(json.load(f)))
+        data = json.load(f)
+    rows = data["rows"] if "rows" in data else rows_from_pytest(data)
+    machine = data.get("machine") or data.get("machine_info", {})
+    print(f"Machine: {machine.get('gpu') or machine.get('cpu') or '?'}\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":

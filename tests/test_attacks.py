@@ -173,3 +173,28 @@ def test_bad_model_output_and_arguments():
 def test_empty_batch():
     images = torch.empty(0, 3, 8, 8)
     assert PGD(small_model())(images, torch.empty(0, dtype=torch.long)).shape == images.shape
+
+
+def test_fast_modes_on_cpu(data):
+    """channels_last gives the same images; bf16 autocast stays close and keeps fp32 images."""
+    images, labels = data
+    model = small_model().eval()
+    ref = PGD(model, random_start=False)(images, labels)
+    cl = PGD(model, random_start=False, channels_last=True)(images, labels)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, ref, rtol=0, atol=2e-6)
+    fast = PGD(model, random_start=False, channels_last=True, autocast=torch.bfloat16)(images, labels)
+    assert fast.dtype == torch.float32
+    assert (fast - images).abs().max() <= 8 / 255 + 1e-6
+    # bf16 gradients flip a few signs, not most of them
+    assert ((fast - ref).abs() > 1e-5).float().mean() < 0.2
+
+
+def test_fast_mode_errors(data):
+    images, labels = data
+    with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16"):
+        PGD(small_model(), autocast=torch.float64)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA images"):
+        PGD(small_model(), cuda_graph=True)(images, labels)
+    with pytest.raises(ValueError, match=r"channels_last=True needs 4-D images"):
+        PGD(lambda x: x.flatten(1)[:, :10], channels_last=True)(images.flatten(2), labels)

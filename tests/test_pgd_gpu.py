@@ -97,3 +97,41 @@ def test_attacks_match_torchattacks_on_gpu(backend, cls, norm, eps, alpha):
     ours = cls(model, eps=eps, alpha=alpha, steps=10, random_start=False, backend=backend)(images, labels)
     theirs = baselines.torchattacks_pgd(model, images, labels, eps=eps, alpha=alpha, steps=10, norm=norm)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("norm", pgd_ops.NORMS)
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_cuda_graph_attack_equals_eager(norm, decay):
+    """The CUDA-graph attack replays exactly the eager steps (same images, same step count)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).cuda().eval()
+    images = torch.rand(32, 3, 16, 16, device="cuda")
+    labels = torch.randint(0, 10, (32,), device="cuda")
+    kw = dict(eps=8 / 255 if norm == "linf" else 0.5, alpha=2 / 255 if norm == "linf" else 0.1,
+              steps=7, random_start=False, norm=norm, decay=decay)
+    eager = PGD(model, **kw)(images, labels)
+    graphed = PGD(model, cuda_graph=True, **kw)(images, labels)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+
+
+def test_fast_mode_robust_accuracy_close_to_fp32():
+    torch.manual_seed(0)
+    from pyadvk import models
+
+    model = models.resnet18().cuda().eval()
+    images = torch.rand(256, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    exact = PGD(model, steps=10, random_start=False)(images, labels)
+    fast_model = models.resnet18().cuda().eval()
+    fast_model.load_state_dict(model.state_dict())
+    fast_model = fast_model.to(memory_format=torch.channels_last)
+    fast = PGD(fast_model, steps=10, random_start=False, channels_last=True, autocast=torch.bfloat16,
+               cuda_graph=True)(images, labels)
+    with torch.no_grad():
+        acc_exact = (model(exact).argmax(1) == labels).float().mean().item()
+        acc_fast = (model(fast).argmax(1) == labels).float().mean().item()
+    assert abs(acc_exact - acc_fast) <= 0.02
