@@ -12,7 +12,6 @@ from torch import nn
 from pyadvk.attacks import PGD, EnsemblePGD
 from pyadvk.attacks.ensemble import ensemble_log_prob
 from pyadvk.data import digits
-from pyadvk.models import SmallCNN
 from pyadvk.ops import pgd as pgd_ops
 from tests.conftest import available
 
@@ -123,37 +122,48 @@ def test_modes_are_restored_when_the_attack_fails(data):
     assert a.training and b.training
 
 
-def _train(seed: int, images, labels, epochs=30) -> nn.Module:
+def _train(seed: int, model: nn.Module, images, labels, steps=100) -> nn.Module:
     torch.manual_seed(seed)
-    model = SmallCNN(width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(labels), generator=gen).split(128):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-            opt.step()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):  # full batch
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
     return model.eval()
 
 
-def test_ensemble_fools_both_models_more_than_attacking_one():
-    torch.set_num_threads(2)
-    train_x, train_y = digits(16, "train").tensors
-    test_x, test_y = digits(16, "test").tensors
-    a, b = _train(0, train_x, train_y, epochs=8), _train(1, train_x, train_y, epochs=8)
+@pytest.fixture(scope="module")
+def digit_models():
+    """Two different architectures trained on the 8×8 digits (they transfer poorly to each other)."""
+    train_x, train_y = digits(8, "train").tensors
+    torch.manual_seed(0)
+    a = _train(0, nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), train_x, train_y)
+    b = _train(1, nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                nn.Linear(8 * 4 * 4, 10)), train_x, train_y)
+    return a, b
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_ensemble_fools_both_models_more_than_attacking_one(targeted, digit_models):
+    # The ensemble's images fool both models far more often than those made against either alone.
+    a, b = digit_models
+    test_x, test_y = digits(8, "test").tensors
     with torch.no_grad():
         right = (a(test_x).argmax(1) == test_y) & (b(test_x).argmax(1) == test_y)
-    assert right.float().mean() > 0.85
-    x, y = test_x[right][:200], test_y[right][:200]
-    kwargs = dict(eps=0.1, alpha=0.02, steps=10, random_start=False)
+    assert right.float().mean() > 0.9
+    x, y = test_x[right], test_y[right]
+    labels = (y + 1) % 10 if targeted else y
+    kwargs = dict(eps=0.15, alpha=0.15 / 4, steps=10, random_start=False, targeted=targeted)
 
     def fools_both(adv):
         with torch.no_grad():
-            return ((a(adv).argmax(1) != y) & (b(adv).argmax(1) != y)).float().mean().item()
+            pa, pb = a(adv).argmax(1), b(adv).argmax(1)
+        hit = ((pa == labels) & (pb == labels)) if targeted else ((pa != y) & (pb != y))
+        return hit.float().mean().item()
 
-    ensemble = fools_both(EnsemblePGD([a, b], **kwargs)(x, y))
-    alone = max(fools_both(PGD(m, **kwargs)(x, y)) for m in (a, b))
-    assert ensemble > alone + 0.1, (ensemble, alone)
+    ensemble = fools_both(EnsemblePGD([a, b], **kwargs)(x, labels))
+    alone = max(fools_both(PGD(m, **kwargs)(x, labels)) for m in (a, b))
+    assert ensemble > alone + 0.08, (ensemble, alone)
 
 
 def test_empty_batch_gives_an_empty_result():

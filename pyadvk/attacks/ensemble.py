@@ -80,7 +80,7 @@ class EnsemblePGD(PGD):
         backend: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(models, nn.Module) or not isinstance(models, Sequence):
+        if isinstance(models, (nn.Module, str)) or not isinstance(models, Sequence):
             raise TypeError(f"models must be a list or tuple of models, got {type(models).__name__}")
         if len(models) == 0:
             raise ValueError("models must hold at least one model, got an empty sequence")
