@@ -86,20 +86,22 @@ def test_drop_in_runs_in_the_trainer(batch):
 
 def _train(loss_fn, epochs: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = SmallCNN(width=8)
-    loader = DataLoader(digits(16, "train"), batch_size=64, shuffle=True,
+    model = SmallCNN(width=16, input_size=8)
+    loader = DataLoader(digits(8, "train"), batch_size=32, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     AdversarialTrainer(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loss_fn=loss_fn,
                        epochs=epochs, progress=False).fit()
     return model.eval()
 
 
+@pytest.mark.slow
 def test_training_with_the_consistent_loss_raises_representation_consistency():
-    torch.set_num_threads(2)
-    eps, alpha, steps, layers = 0.1, 0.025, 3, ["features.9", "classifier.2"]
+    # Same initialization and batch order; only the loss differs. Representation consistency is a
+    # cosine close to 1 for both, so the margin is stated on the inconsistency 1 − cos.
+    eps, alpha, steps, layers = 0.1, 0.025, 2, ["features.9", "classifier.2"]
     plain = _train(functools.partial(pgd_adversarial_loss, eps=eps, alpha=alpha, steps=steps), epochs=3)
-    consistent = _train(consistent_adversarial_loss(eps, alpha, steps, layers=layers, lam=10.0), epochs=3)
-    x, y = digits(16, "test").tensors
+    consistent = _train(consistent_adversarial_loss(eps, alpha, steps, layers=layers, lam=100.0), epochs=3)
+    x, y = digits(8, "test").tensors
     x, y = x[:200], y[:200]
 
     def measure(model):
@@ -109,8 +111,8 @@ def test_training_with_the_consistent_loss_raises_representation_consistency():
         return representation_consistency(model, "classifier.2", x, adv), accuracy
 
     (cons_plain, acc_plain), (cons_ours, acc_ours) = measure(plain), measure(consistent)
-    assert acc_plain > 0.6 and acc_ours > 0.6, (acc_plain, acc_ours)
-    assert cons_ours > cons_plain + 0.05, (cons_plain, cons_ours)
+    assert acc_plain > 0.8 and acc_ours > 0.8, (acc_plain, acc_ours)
+    assert 1 - cons_ours < 0.6 * (1 - cons_plain), (cons_plain, cons_ours)
 
 
 @pytest.mark.parametrize(
@@ -174,3 +176,20 @@ def test_drop_in_bad_layer_on_first_call(batch):
     loss_fn = consistent_adversarial_loss(0.1, 0.03, 2, layers=["nope"])
     with pytest.raises(ValueError, match="layers 'nope' is not a layer"):
         loss_fn(mlp(), x, y)
+
+
+def test_layer_without_one_row_per_image_is_rejected(batch):
+    x, x_adv, y = batch
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = nn.Identity()
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            flat = x.flatten(1)
+            return self.head(flat + self.feat(flat.mean(0, keepdim=True)))
+
+    with pytest.raises(ValueError, match=r"layer 'feat' must output one row per image \(10\), got shape \(1, 12\)"):
+        consistent_loss(Pooled(), x, x_adv, y, ["feat"])

@@ -58,7 +58,7 @@ def test_batched_equals_one_channel_at_a_time(layer, batch_channels):
     expected, base = naive_pd(model, layer, x, target)
     torch.testing.assert_close(r.all_pd, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(r.probability, base)
-    values, order = expected.topk(4, dim=1)
+    values = expected.topk(4, dim=1).values
     torch.testing.assert_close(r.pd, values, rtol=0, atol=1e-6)
     assert r.channels.shape == (3, 4)
     torch.testing.assert_close(r.all_pd.gather(1, r.channels), r.pd)

@@ -68,7 +68,9 @@ def consistent_loss(
     if lam > 0:
         for name, phi in features.items():
             if phi.shape[0] != 2 * batch:
-                raise ValueError(f"layer {name!r} must output one row per image ({2 * batch}), got shape {tuple(phi.shape)}")
+                raise ValueError(
+                    f"layer {name!r} must output one row per image ({2 * batch}), got shape {tuple(phi.shape)}"
+                )
             phi = phi.float().reshape(2 * batch, -1)
             squared = (phi[:batch] - phi[batch:]).pow(2).sum(dim=1) / phi.shape[1]
             loss = loss + lam * squared.mean()
