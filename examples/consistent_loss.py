@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3, help="PGD steps during training")
-    parser.add_argument("--lam", type=float, default=10.0)
+    parser.add_argument("--lam", type=float, default=100.0)
     parser.add_argument("--layers", nargs="+", default=["features.9", "classifier.2"])
     parser.add_argument("--neuron-layer", default="features.8")
     parser.add_argument("--topk", type=int, default=20)
