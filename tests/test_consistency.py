@@ -21,6 +21,7 @@ class Controlled(nn.Module):
         self.classes = classes
         self.feat = nn.Identity()
         self.head = nn.Flatten()
+        self.register_buffer("anchor", torch.zeros(()))  # places the model (and its inputs) on a device
 
     def forward(self, x):
         self.head(self.feat(x[:, 1:]))
@@ -275,3 +276,14 @@ def test_representation_consistency_errors():
         representation_consistency(model, "feat", x, x, batch_size=0)
     with pytest.raises(ValueError, match="at least one image"):
         representation_consistency(model, "feat", x[:0], x[:0])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    real, adv = loaders()
+    cpu = consistency(Controlled(), "feat", real, adv, topk=2)
+    gpu = consistency(Controlled().cuda(), "feat", real, adv, topk=2, class_similarity=torch.eye(3))
+    torch.testing.assert_close(gpu.consistency_real.cpu(), cpu.consistency_real)
+    torch.testing.assert_close(gpu.adversarial_fraction.cpu(), cpu.adversarial_fraction)
+    assert gpu.topk_indices_adv.is_cuda
+    assert gpu.topk_indices_adv.cpu().tolist() == cpu.topk_indices_adv.tolist()

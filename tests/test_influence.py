@@ -143,3 +143,12 @@ def test_layer_with_a_flat_output_is_rejected():
 
     with pytest.raises(ValueError, match=r"layer 'feat' must output a tensor \(B, C, ...\)"):
         influential_neurons(Scalar(), "feat", torch.rand(2, 4), 0, k=1)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    model = conv_model()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    cpu = influential_neurons(model, "1", x, 2, k=3, batch_channels=4, reduce="none")
+    gpu = influential_neurons(model.cuda(), "1", x.cuda(), 2, k=3, batch_channels=4, reduce="none")
+    torch.testing.assert_close(gpu.all_pd.cpu(), cpu.all_pd, rtol=0, atol=1e-5)
