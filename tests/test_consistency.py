@@ -222,6 +222,8 @@ def test_bad_loaders():
     images = make_images(REAL_FEATURES, REAL_PREDICTED)
     with pytest.raises(ValueError, match="paired loaders must have the same length: real_loader has more"):
         consistency(model, "feat", real, [next(iter(adv))], topk=1)
+    with pytest.raises(ValueError, match="paired loaders must have the same length: adv_loader has more"):
+        consistency(model, "feat", [next(iter(real))], adv, topk=1)
     with pytest.raises(ValueError, match="paired batches must match"):
         consistency(model, "feat", [(images, torch.tensor(REAL_TRUE))], [images[:3]], topk=1)
     with pytest.raises(ValueError, match=r"real_loader must yield \(images, labels\)"):
