@@ -8,7 +8,8 @@ from pyadvk.train.adversarial import (
     pgd_adversarial_loss,
     standard_loss,
 )
+from pyadvk.train.consistent import consistent_adversarial_loss, consistent_loss
 from pyadvk.train.trainer import AdversarialTrainer
 
 __all__ = ["AdversarialTrainer", "fast_fgsm_loss", "half_half", "half_half_loss", "pgd_adversarial_loss",
-           "standard_loss"]
+           "standard_loss", "consistent_adversarial_loss", "consistent_loss"]
