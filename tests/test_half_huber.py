@@ -96,7 +96,7 @@ def test_reference_is_the_formula():
     fp = (x / delta).clamp(0, 1)
     torch.testing.assert_close(hh.half_huber_relu_backward_reference(torch.ones_like(x), x, delta), fp,
                                rtol=1e-15, atol=1e-15)
-    fpp = torch.where((x > 0) & (x < delta), 1 / delta, 0.0)
+    fpp = torch.zeros_like(x).masked_fill((x > 0) & (x < delta), 1 / delta)
     _, got = hh.half_huber_relu_double_backward_reference(torch.ones_like(x), torch.ones_like(x), x, delta)
     torch.testing.assert_close(got, fpp, rtol=1e-15, atol=1e-15)
     # f' is the derivative of f and f'' of f' (central differences away from the breakpoints).
@@ -242,26 +242,23 @@ def test_opcheck_compiled_cpu_ops(dtype, channels_last):
 
 @pytest.mark.parametrize("body", [b for b in ("cpp", "torch") if b in BODIES])
 def test_torch_compile_aot_eager(body):
-    """Forward, backward and double backward under torch.compile (fake kernels, autograd)."""
+    """Forward and backward under torch.compile (fake kernels, registered autograd). (Double
+    backward through a compiled region is refused by AOTAutograd itself, for any op.)"""
     layer = HalfHuberReLU(0.4, backend=body)
 
-    def penalty(x, w):
-        y = layer(x * w).sum()
-        (g,) = torch.autograd.grad(y, x, create_graph=True)
-        return (g * g).sum()
+    def loss(x, w):
+        return (layer(x * w) ** 2).sum()
 
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     w = torch.rand(1, 3, 1, 1, requires_grad=True)
-    want = penalty(x, w)
-    (want_w,) = torch.autograd.grad(want, w)
-    compiled = torch.compile(penalty, backend="aot_eager")
+    want = loss(x, w)
+    want_x, want_w = torch.autograd.grad(want, (x, w))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = compiled(x, w)
-    (got_w,) = torch.autograd.grad(got, w)
+    got_x, got_w = torch.autograd.grad(got, (x, w))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-6)
-
-    fwd = torch.compile(lambda t: layer(t) * 2, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(fwd(x.detach()), 2 * layer(x.detach()), rtol=0, atol=0)
 
 
 @pytest.mark.skipif("cpp" not in BODIES, reason="the C++ extension is not built")

@@ -26,8 +26,9 @@ op through its fake kernel. The derivative at the breakpoints is the one-sided v
 above give: f'(0) = 0, f'(delta) = 1, f''(0) = f''(delta) = 0.
 
 Arithmetic is float32 for float32/float16/bfloat16 inputs (rounded to the input dtype at the end)
-and float64 for float64 inputs, on every body; float64 exists so that ``torch.autograd.gradcheck``
-and ``gradgradcheck`` can check the derivatives. The constants are computed once in double and
+and float64 for float64 inputs; float64 exists so that ``torch.autograd.gradcheck`` and
+``gradgradcheck`` can check the derivatives. The cpp and cuda bodies compute float64 natively; the
+Triton ops hand float64 tensors to the torch reference (Triton passes float arguments as float32). The constants are computed once in double and
 rounded to the compute type: ``delta``, ``delta/2``, ``1/delta`` and ``1/(2 delta)``; every body
 evaluates exactly these expressions, in this order (no fused multiply-add), so results agree bit for
 bit in float32 and within one unit in the last place after rounding to float16/bfloat16::
@@ -159,6 +160,21 @@ def _triton_body() -> _Body:
     return _Body(
         ops.half_huber_relu_triton, ops.half_huber_relu_backward_triton, ops.half_huber_relu_double_backward_triton
     )
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense (its values fill numel consecutive slots in some
+    order of the dims: contiguous, channels_last, any permutation)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.shape[d] == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -332,7 +348,7 @@ def half_huber_relu(x: torch.Tensor, delta: float = 0.5, *, backend: str | None 
     _checks.tensor("x", x, dtypes=DTYPES, min_dim=0)
     delta = check_delta(delta)
     name = _resolve(HALF_HUBER, x.device, backend)
-    if not x.is_non_overlapping_and_dense():
+    if not is_dense(x):
         x = x.contiguous()
     if name == "torch":
         return _TorchForward.apply(x, delta)
