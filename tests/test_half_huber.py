@@ -261,6 +261,7 @@ def test_torch_compile_aot_eager(body):
     torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("cpp" not in BODIES, reason="the C++ extension is not built")
 def test_torch_compile_inductor_cpp_body():
     """Inductor on CPU around the cpp op: the op stays one extern call, the rest is generated."""
