@@ -331,6 +331,8 @@ def test_bad_x_and_backend():
         half_huber_relu([1.0, 2.0])
     with pytest.raises(ValueError, match="backend must be one of"):
         half_huber_relu(torch.randn(3), backend="fast")
+    with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
+        HalfHuberReLU(backend="fast")
     with pytest.raises(pyadvk.BackendUnavailableError, match="cannot run half_huber_relu on a cpu tensor"):
         half_huber_relu(torch.randn(3), backend="cuda")
 

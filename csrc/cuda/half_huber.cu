@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "../half_huber.h"
 

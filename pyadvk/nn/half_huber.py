@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyadvk import _backend
 from pyadvk.nn import functional as F
 from pyadvk.ops.half_huber import check_delta
 
@@ -25,7 +26,7 @@ class HalfHuberReLU(nn.Module):
     def __init__(self, delta: float = 0.5, *, backend: str | None = None):
         super().__init__()
         self.delta = check_delta(delta)
-        self.backend = backend
+        self.backend = None if backend is None else _backend._check_choice(backend, "backend")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.half_huber_relu(x, self.delta, backend=self.backend)
