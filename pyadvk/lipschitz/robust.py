@@ -6,7 +6,14 @@ Training loss per batch (the paper's, and its public reference code's)::
 
     loss = CE(model(x), y) + psi * input_gradient_penalty(model, x, y)
 
-with ``psi`` from :class:`AdaptivePsi`, updated with the batch's cross-entropy. The Half-Huber ReLU
+with ``psi`` from :class:`AdaptivePsi`, updated with the batch's cross-entropy before the penalty
+is weighted (the order of the reference code).
+
+Sources: the paper's full text is not available here; the formulas below were checked against
+the project's research notes (RESEARCH.md) and the authors' public reference code
+(github.com/wwoods/adversarial-explanations-cifar, ``main.py``: ``_model_robust_get_grads`` and
+``_model_train_batch``), whose defaults are zeta = 0.2, p = 2, psi0 = 220, k = 0.02,
+L_target = 1.5, eps_pos = 1, eps_neg = 0.01. The Half-Huber ReLU
 (:class:`pyadvk.nn.HalfHuberReLU`) is the activation that makes this penalty effective: with a ReLU
 the penalty's own gradient sees f'' = 0 almost everywhere.
 """
