@@ -326,3 +326,32 @@ def test_adaptive_psi_bad_inputs():
     with pytest.raises(TypeError, match="loss_ce must be a real number"):
         psi.update("1.0")
     assert float(psi.integral) == 0.0  # failed updates change nothing
+
+
+@pytest.mark.parametrize("body", ["cpp", "triton"])
+def test_penalty_same_on_every_half_huber_body(body):
+    """The penalty and its parameter gradients through the fused Half-Huber bodies equal those
+    through the torch body (float32: every op is bit-compatible, so only the network's own
+    rounding could differ, and it is the same network)."""
+    from pyadvk.ops import half_huber as hh
+    from tests.conftest import available
+
+    if body not in available(hh.HALF_HUBER, "cpu"):
+        pytest.skip(f"{body} body not available here")
+
+    def net_with(backend):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), HalfHuberReLU(0.5, backend=backend), nn.Flatten(),
+                             nn.Linear(4 * 5 * 5, 6), HalfHuberReLU(0.3, backend=backend), nn.Linear(6, 3))
+
+    x = torch.rand(4, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    results = []
+    for backend in ("torch", body):
+        net = net_with(backend)
+        pen = input_gradient_penalty(net, x, y, zeta=0.5, generator=torch.Generator().manual_seed(2))
+        pen.backward()
+        results.append((pen.detach(), [p.grad for p in net.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
