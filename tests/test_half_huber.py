@@ -23,7 +23,7 @@ FUSED = [b for b in BODIES if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 5, 7), (1, 3, 17, 19), (2, 1025), (3, 2, 3, 4, 5), (40000,)]
 TRITON_SHAPES = [s for s in SHAPES if math.prod(s) <= 5000]
-DELTAS = [0.5, 1.0, 0.3, 1e-3, 7.25]
+DELTAS = [0.5, 1.0, 0.3, 0.7, 1e-3, 7.25]  # fp32(0.3) rounds up, fp32(0.7) down
 
 
 def op_body(name: str) -> hh._Body:
@@ -111,7 +111,7 @@ def test_reference_is_the_formula():
 
 
 @pytest.mark.parametrize("body", BODIES)
-@pytest.mark.parametrize("delta", [0.5, 0.3, 2.0])
+@pytest.mark.parametrize("delta", [0.5, 0.3, 0.7, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_breakpoints(body, delta, dtype):
     """f, f' and f'' at and around 0 and delta: f(0) = 0, f(delta) = delta/2, f'(0) = 0,

@@ -94,28 +94,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    # A 0-dim tensor of the compute dtype: the constant is rounded to it exactly as the kernels do.
-    return torch.tensor(value, dtype=dtype)
+# The constants are Python floats: an op between a tensor and a Python float rounds the float to
+# the tensor's dtype (here the compute dtype), exactly as the kernels round them.
 
 
 def half_huber_relu_reference(x: torch.Tensor, delta: float) -> torch.Tensor:
     """``f(x)`` (see the module docstring), computed in float32 (float64 for float64 input)."""
-    ct = _compute_dtype(x)
-    d, half, _, inv2d = (_scalar(c, ct).to(x.device) for c in constants(delta))
-    v = x.to(ct)
-    y = torch.where(v >= d, v - half, torch.where(v <= 0, torch.zeros((), dtype=ct, device=x.device), v * v * inv2d))
+    d, half, _, inv2d = constants(delta)
+    v = x.to(_compute_dtype(x))
+    y = torch.where(v >= d, v - half, torch.where(v <= 0, 0.0, v * v * inv2d))
     return y.to(x.dtype)
 
 
 def half_huber_relu_backward_reference(grad: torch.Tensor, x: torch.Tensor, delta: float) -> torch.Tensor:
     """``grad * f'(x)``."""
+    d, _, invd, _ = constants(delta)
     ct = _compute_dtype(x)
-    d, _, invd, _ = (_scalar(c, ct).to(x.device) for c in constants(delta))
     v, g = x.to(ct), grad.to(ct)
-    zero = torch.zeros((), dtype=ct, device=x.device)
-    out = torch.where(v >= d, g, torch.where(v <= 0, zero, g * (v * invd)))
-    return out.to(x.dtype)
+    return torch.where(v >= d, g, torch.where(v <= 0, 0.0, g * (v * invd))).to(x.dtype)
 
 
 def half_huber_relu_double_backward_reference(
@@ -123,12 +119,11 @@ def half_huber_relu_double_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gg * f'(x), gg * grad * f''(x))``: the gradients of ``<gg, grad * f'(x)>`` with respect
     to ``grad`` and ``x``."""
+    d, _, invd, _ = constants(delta)
     ct = _compute_dtype(x)
-    d, _, invd, _ = (_scalar(c, ct).to(x.device) for c in constants(delta))
     v = x.to(ct)
-    zero = torch.zeros((), dtype=ct, device=x.device)
     d_grad = half_huber_relu_backward_reference(gg, x, delta)
-    d_x = torch.where((v > 0) & (v < d), gg.to(ct) * grad.to(ct) * invd, zero)
+    d_x = torch.where((v > 0) & (v < d), gg.to(ct) * grad.to(ct) * invd, 0.0)
     return d_grad, d_x.to(x.dtype)
 
 
