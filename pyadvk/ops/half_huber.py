@@ -22,16 +22,19 @@ Three ops, each with four bodies (cuda, triton, cpp and the torch reference belo
 
 Each op's backward is registered with ``torch.library.register_autograd`` and is made of these same
 ops (f''' = 0 where it exists), so gradients of any order are available; torch.compile sees every
-op through its fake kernel. The derivative at the breakpoints is the one-sided value the formulas
+op through its fake kernel (forward and backward; AOTAutograd refuses double backward through a
+compiled region, for any op). The derivative at the breakpoints is the one-sided value the formulas
 above give: f'(0) = 0, f'(delta) = 1, f''(0) = f''(delta) = 0.
 
 Arithmetic is float32 for float32/float16/bfloat16 inputs (rounded to the input dtype at the end)
 and float64 for float64 inputs; float64 exists so that ``torch.autograd.gradcheck`` and
 ``gradgradcheck`` can check the derivatives. The cpp and cuda bodies compute float64 natively; the
-Triton ops hand float64 tensors to the torch reference (Triton passes float arguments as float32). The constants are computed once in double and
-rounded to the compute type: ``delta``, ``delta/2``, ``1/delta`` and ``1/(2 delta)``; every body
-evaluates exactly these expressions, in this order (no fused multiply-add), so results agree bit for
-bit in float32 and within one unit in the last place after rounding to float16/bfloat16::
+Triton ops hand float64 tensors to the torch reference (Triton passes float arguments as float32).
+The constants are computed once in double and rounded to the compute type: ``delta``,
+``delta/2``, ``1/delta`` and ``1/(2 delta)`` (so a delta that float32 cannot represent acts as its
+float32 rounding); every body evaluates exactly these expressions, in this order (no fused
+multiply-add), so results agree bit for bit in float32 and within one unit in the last place after
+rounding to float16/bfloat16::
 
     y    = x >= delta ? x - delta/2 : (x <= 0 ? 0 : (x * x) * (1/(2 delta)))
     dx   = x >= delta ? grad        : (x <= 0 ? 0 : grad * (x * (1/delta)))
