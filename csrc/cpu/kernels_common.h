@@ -11,4 +11,5 @@
 #include <cmath>
 #include <cstdint>
 
+#include "half_huber.h"
 #include "pgd.h"

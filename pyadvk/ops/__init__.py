@@ -2,9 +2,10 @@
 kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in kernels/."""
 
 from pyadvk import _extension
+from pyadvk.ops.half_huber import half_huber_relu
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
 
 # Load the compiled bodies after every schema above is declared.
 _extension.load()
 
-__all__ = ["pgd_step", "pgd_step_", "random_init"]
+__all__ = ["pgd_step", "pgd_step_", "random_init", "half_huber_relu"]

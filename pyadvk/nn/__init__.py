@@ -1,0 +1,6 @@
+"""Layers: ``HalfHuberReLU`` (and ``pyadvk.nn.functional``)."""
+
+from pyadvk.nn import functional
+from pyadvk.nn.half_huber import HalfHuberReLU
+
+__all__ = ["HalfHuberReLU", "functional"]

@@ -1,0 +1,355 @@
+"""The Half-Huber ReLU of Woods et al. (2019) as fused ops: forward, backward and double backward.
+
+For ``delta > 0``::
+
+    f(x)   = 0               for x <= 0
+           = x^2 / (2 delta) for 0 < x < delta
+           = x - delta / 2   for x >= delta
+    f'(x)  = clamp(x / delta, 0, 1)
+    f''(x) = 1 / delta on 0 < x < delta, else 0
+
+f is a ReLU whose kink is rounded into a parabola, so its second derivative is non-zero on
+(0, delta): an input-gradient penalty (:func:`pyadvk.lipschitz.input_gradient_penalty`), which
+differentiates the network's input gradient once more, gets a useful signal through it (through a
+ReLU, f'' = 0 almost everywhere).
+
+Three ops, each with four bodies (cuda, triton, cpp and the torch reference below):
+
+* ``half_huber_relu(x, delta) -> y = f(x)``
+* ``half_huber_relu_backward(grad, x, delta) -> grad * f'(x)``
+* ``half_huber_relu_double_backward(gg, grad, x, delta) -> (gg * f'(x), gg * grad * f''(x))``:
+  the derivatives of ``<gg, grad * f'(x)>`` with respect to ``grad`` and to ``x``.
+
+Each op's backward is registered with ``torch.library.register_autograd`` and is made of these same
+ops (f''' = 0 where it exists), so gradients of any order are available; torch.compile sees every
+op through its fake kernel (forward and backward; AOTAutograd refuses double backward through a
+compiled region, for any op). The derivative at the breakpoints is the one-sided value the formulas
+above give: f'(0) = 0, f'(delta) = 1, f''(0) = f''(delta) = 0.
+
+Arithmetic is float32 for float32/float16/bfloat16 inputs (rounded to the input dtype at the end)
+and float64 for float64 inputs; float64 exists so that ``torch.autograd.gradcheck`` and
+``gradgradcheck`` can check the derivatives. The cpp and cuda bodies compute float64 natively; the
+Triton ops hand float64 tensors to the torch reference (Triton passes float arguments as float32).
+The constants are computed once in double and rounded to the compute type: ``delta``,
+``delta/2``, ``1/delta`` and ``1/(2 delta)`` (so a delta that float32 cannot represent acts as its
+float32 rounding); every body evaluates exactly these expressions, in this order (no fused
+multiply-add), so results agree bit for bit in float32 and within one unit in the last place after
+rounding to float16/bfloat16::
+
+    y    = x >= delta ? x - delta/2 : (x <= 0 ? 0 : (x * x) * (1/(2 delta)))
+    dx   = x >= delta ? grad        : (x <= 0 ? 0 : grad * (x * (1/delta)))
+    dxx  = 0 < x < delta ? (gg * grad) * (1/delta) : 0
+
+A NaN input gives a NaN output and a NaN input gradient (and 0 second derivative).
+
+Tensors may have any shape and any non-overlapping dense layout (contiguous, channels_last, ...);
+the compiled ops require every operand to share x's dtype, shape and strides (the public wrapper
+and the autograd formulas convert); outputs have x's layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyadvk import _backend, _checks
+from pyadvk.ops._library import define
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+define("half_huber_relu(Tensor x, float delta) -> Tensor")
+define("half_huber_relu_backward(Tensor grad, Tensor x, float delta) -> Tensor")
+define("half_huber_relu_double_backward(Tensor gg, Tensor grad, Tensor x, float delta) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("pyadvk::half_huber_relu")
+def _fake_forward(x, delta):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyadvk::half_huber_relu_backward")
+def _fake_backward(grad, x, delta):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyadvk::half_huber_relu_double_backward")
+def _fake_double_backward(gg, grad, x, delta):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+HALF_HUBER = _backend.OpBodies(
+    "half_huber_relu",
+    native_ops=("half_huber_relu", "half_huber_relu_backward", "half_huber_relu_double_backward"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch bodies: the definition of each op.
+
+
+def constants(delta: float) -> tuple[float, float, float, float]:
+    """(delta, delta/2, 1/delta, 1/(2 delta)), in double; every body rounds them to its compute type."""
+    return delta, delta / 2, 1.0 / delta, 1.0 / (2.0 * delta)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# The constants are Python floats: an op between a tensor and a Python float rounds the float to
+# the tensor's dtype (here the compute dtype), exactly as the kernels round them.
+
+
+def half_huber_relu_reference(x: torch.Tensor, delta: float) -> torch.Tensor:
+    """``f(x)`` (see the module docstring), computed in float32 (float64 for float64 input)."""
+    d, half, _, inv2d = constants(delta)
+    v = x.to(_compute_dtype(x))
+    y = torch.where(v >= d, v - half, torch.where(v <= 0, 0.0, v * v * inv2d))
+    return y.to(x.dtype)
+
+
+def half_huber_relu_backward_reference(grad: torch.Tensor, x: torch.Tensor, delta: float) -> torch.Tensor:
+    """``grad * f'(x)``."""
+    d, _, invd, _ = constants(delta)
+    ct = _compute_dtype(x)
+    v, g = x.to(ct), grad.to(ct)
+    return torch.where(v >= d, g, torch.where(v <= 0, 0.0, g * (v * invd))).to(x.dtype)
+
+
+def half_huber_relu_double_backward_reference(
+    gg: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gg * f'(x), gg * grad * f''(x))``: the gradients of ``<gg, grad * f'(x)>`` with respect
+    to ``grad`` and ``x``."""
+    d, _, invd, _ = constants(delta)
+    ct = _compute_dtype(x)
+    v = x.to(ct)
+    d_grad = half_huber_relu_backward_reference(gg, x, delta)
+    d_x = torch.where((v > 0) & (v < d), gg.to(ct) * grad.to(ct) * invd, 0.0)
+    return d_grad, d_x.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies as (forward, backward, double_backward) callables, and their derivatives.
+
+
+class _Body:
+    """The three ops of one body."""
+
+    def __init__(self, forward, backward, double_backward):
+        self.forward = forward
+        self.backward = backward
+        self.double_backward = double_backward
+
+
+_TORCH = _Body(
+    half_huber_relu_reference, half_huber_relu_backward_reference, half_huber_relu_double_backward_reference
+)
+
+
+def _native_body() -> _Body:
+    ops = torch.ops.pyadvk
+    return _Body(ops.half_huber_relu, ops.half_huber_relu_backward, ops.half_huber_relu_double_backward)
+
+
+def _triton_body() -> _Body:
+    ops = torch.ops.pyadvk
+    return _Body(
+        ops.half_huber_relu_triton, ops.half_huber_relu_backward_triton, ops.half_huber_relu_double_backward_triton
+    )
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense (its values fill numel consecutive slots in some
+    order of the dims: contiguous, channels_last, any permutation)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.shape[d] == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have one shape and the same strides on every dim of size > 1."""
+    return a.shape == b.shape and all(
+        n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride())
+    )
+
+
+def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``t`` with x's dtype and layout (the compiled ops need operands of one layout)."""
+    if t is None:
+        return None
+    if t.dtype != x.dtype:
+        t = t.to(x.dtype)
+    if not same_layout(t, x):
+        t = torch.empty_like(x).copy_(t)
+    return t
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def grad_of_forward(body: _Body, grad, x, delta):
+    """d f(x) / dx applied to ``grad``."""
+    return body.backward(_like(grad, x), x, delta)
+
+
+def grads_of_backward(body: _Body, gg, grad, x, delta):
+    """Gradients of ``b = grad * f'(x)`` for an incoming ``gg``: (wrt grad, wrt x)."""
+    if gg is None:
+        return None, None
+    return body.double_backward(_like(gg, x), _like(grad, x), x, delta)
+
+
+def grads_of_double_backward(body: _Body, ga, gb, gg, grad, x, delta):
+    """Gradients of ``(a, b) = (gg f'(x), gg grad f''(x))`` for incoming ``(ga, gb)``, with f''' = 0:
+    wrt gg: ``ga f' + gb grad f''``; wrt grad: ``gb gg f''``; wrt x: ``ga gg f''``."""
+    ga, gb = _like(ga, x), _like(gb, x)
+    d_gg = d_grad = d_x = None
+    if ga is not None:
+        d_gg = body.backward(ga, x, delta)
+        d_x = body.double_backward(ga, gg, x, delta)[1]
+    if gb is not None:
+        d_gg = _add(d_gg, body.double_backward(gb, grad, x, delta)[1])
+        d_grad = body.double_backward(gb, gg, x, delta)[1]
+    return d_gg, d_grad, d_x
+
+
+def _register_autograd(body_fn, names: tuple[str, str, str]) -> None:
+    """Registers the derivatives of the three ops ``names`` of a compiled or Triton body."""
+    fwd, bwd, dbl = names
+
+    def setup_forward(ctx, inputs, output):
+        x, delta = inputs
+        ctx.save_for_backward(x)
+        ctx.delta = delta
+
+    def backward_forward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad_of_forward(body_fn(), grad, x, ctx.delta), None
+
+    def setup_backward(ctx, inputs, output):
+        grad, x, delta = inputs
+        ctx.save_for_backward(grad, x)
+        ctx.delta = delta
+
+    def backward_backward(ctx, gg):
+        grad, x = ctx.saved_tensors
+        d_grad, d_x = grads_of_backward(body_fn(), gg, grad, x, ctx.delta)
+        return d_grad, d_x, None
+
+    def setup_double(ctx, inputs, output):
+        gg, grad, x, delta = inputs
+        ctx.save_for_backward(gg, grad, x)
+        ctx.delta = delta
+
+    def backward_double(ctx, ga, gb):
+        gg, grad, x = ctx.saved_tensors
+        return (*grads_of_double_backward(body_fn(), ga, gb, gg, grad, x, ctx.delta), None)
+
+    torch.library.register_autograd(f"pyadvk::{fwd}", backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(f"pyadvk::{bwd}", backward_backward, setup_context=setup_backward)
+    torch.library.register_autograd(f"pyadvk::{dbl}", backward_double, setup_context=setup_double)
+
+
+_register_autograd(_native_body, HALF_HUBER.native_ops)
+
+
+def register_triton_autograd() -> None:
+    """Called by kernels/half_huber.py once the Triton ops exist."""
+    _register_autograd(_triton_body, tuple(n + "_triton" for n in HALF_HUBER.native_ops))
+
+
+# The torch body: autograd.Functions running the reference formulas, with the same derivatives.
+
+
+class _TorchDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gg, grad, x, delta):
+        ctx.save_for_backward(gg, grad, x)
+        ctx.delta = delta
+        return half_huber_relu_double_backward_reference(gg, grad, x, delta)
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        gg, grad, x = ctx.saved_tensors
+        return (*grads_of_double_backward(_TORCH_AUTOGRAD, ga, gb, gg, grad, x, ctx.delta), None)
+
+
+class _TorchBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, x, delta):
+        ctx.save_for_backward(grad, x)
+        ctx.delta = delta
+        return half_huber_relu_backward_reference(grad, x, delta)
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad, x = ctx.saved_tensors
+        return (*grads_of_backward(_TORCH_AUTOGRAD, gg, grad, x, ctx.delta), None)
+
+
+class _TorchForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta):
+        ctx.save_for_backward(x)
+        ctx.delta = delta
+        return half_huber_relu_reference(x, delta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad_of_forward(_TORCH_AUTOGRAD, grad, x, ctx.delta), None
+
+
+_TORCH_AUTOGRAD = _Body(_TorchForward.apply, _TorchBackward.apply, _TorchDoubleBackward.apply)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrapper.
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: _backend.OpBodies, device: torch.device, backend: str | None) -> str:
+    return _backend.resolve(op, device, backend)
+
+
+def check_delta(delta) -> float:
+    """``delta`` must be a finite real number > 0."""
+    delta = _checks.real("delta", delta, low=0.0, low_inclusive=False)
+    if not math.isfinite(delta):
+        raise ValueError(f"delta must be finite, got {delta}")
+    return delta
+
+
+def half_huber_relu(x: torch.Tensor, delta: float = 0.5, *, backend: str | None = None) -> torch.Tensor:
+    """The Half-Huber ReLU ``f(x)`` elementwise (see the module docstring), differentiable to any
+    order (fused backward and double backward).
+
+    Args:
+        x: a float32, float16, bfloat16 or float64 tensor of any shape; any dense layout
+            (contiguous, channels_last, ...) is kept; other strided views are computed on a
+            contiguous copy.
+        delta: the width of the quadratic part (> 0, finite).
+        backend: force a body ("cuda", "triton", "cpp", "torch"); default: see pyadvk.set_backend.
+    """
+    _checks.tensor("x", x, dtypes=DTYPES, min_dim=0)
+    delta = check_delta(delta)
+    name = _resolve(HALF_HUBER, x.device, backend)
+    if not is_dense(x):
+        x = x.contiguous()
+    if name == "torch":
+        return _TorchForward.apply(x, delta)
+    if name == "triton":
+        return torch.ops.pyadvk.half_huber_relu_triton(x, delta)
+    return torch.ops.pyadvk.half_huber_relu(x, delta)
