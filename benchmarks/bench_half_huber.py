@@ -2,8 +2,8 @@
 chain under autograd) vs torch.compile of that expression, at ResNet activation sizes; and the
 bytes each keeps for the backward pass.
 
-Run: ``pytest benchmarks/bench_half_huber.py --benchmark-json=out.json``, then
-``python benchmarks/summarize.py out.json``. One timed call is ``y = f(x)`` then
+Run: ``pyadvk bench --ops half_huber`` (or ``pytest benchmarks/bench_half_huber.py
+--benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). One timed call is ``y = f(x)`` then
 ``dx = autograd.grad(y, x, dy)``. ``extra_info`` carries:
 
 * ``gbps``: effective bandwidth for the minimum traffic of forward + backward, 5 values per element
@@ -22,7 +22,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, copy_bandwidth, median_seconds, sync
+from benchmarks.conftest import DEVICE, impls, record, run_benchmark, sizes, sync
 from pyadvk.ops import half_huber as hh
 
 SIZES = {
@@ -79,8 +79,8 @@ def peak_bytes(step) -> int | None:
     return torch.cuda.max_memory_allocated(DEVICE) - base
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", sizes(SIZES))
+@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_half_huber_fwd_bwd(benchmark, size, impl):
     if impl not in ("composite", "compile"):
         why = hh.HALF_HUBER.reason(impl, DEVICE.type)
@@ -95,19 +95,10 @@ def test_half_huber_fwd_bwd(benchmark, size, impl):
     def run():
         y = fn(x)
         torch.autograd.grad(y, x, dy)
-        sync()
 
-    seconds = median_seconds(run, repeats=3, warmup=2)  # includes compilation on first calls
-    rounds = int(min(100, max(5, 2.0 / max(seconds, 1e-6))))
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    times = run_benchmark(benchmark, run, max_rounds=100)
     numel = torch.Size(shape).numel()
-    median = benchmark.stats.stats.median
-    gbps = 5 * 4 * numel / median
-    copy = copy_bandwidth(numel)
-    benchmark.extra_info.update(
-        bench="half_huber",
-        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), size=size, shape=list(shape), impl=impl, numel=numel,
-        gbps=gbps / 1e9, copy_gbps=copy / 1e9, pct_of_copy=100 * gbps / copy,
-        saved_bytes=saved_bytes(fn, x), peak_bytes=peak_bytes(run),
-    )
+    saved = saved_bytes(fn, x)
+    record(benchmark, times, op="half_huber_relu", case="fwd+bwd", size=size, shape=shape, impl=impl,
+           bytes_moved=5 * 4 * numel, peak_bytes=peak_bytes(run), saved_bytes=saved,
+           note_saved_for_backward=f"{saved / 2**20:.1f} MiB")
