@@ -12,3 +12,4 @@
 #include <cstdint>
 
 #include "pgd.h"
+#include "power_iteration.h"
