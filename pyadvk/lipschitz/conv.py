@@ -134,15 +134,34 @@ def linear_part(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch
     return conv._conv_forward(x, weight, None)
 
 
-_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def adjoint(conv: nn.Module, u: torch.Tensor, weight: torch.Tensor, x_shape) -> torch.Tensor:
     """``Aᵀ u``: the transposed convolution (the input gradient of the layer's convolution)."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        return _INPUT_GRAD[conv_dims(conv)](
-            list(x_shape), weight, u, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
+        extra = []  # output_padding: input positions the strided forward never reached
+        for n, o, k, s, p, dil in zip(x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride,
+                                      conv.padding, conv.dilation):
+            extra.append(n - ((o - 1) * s - 2 * p + dil * (k - 1) + 1))
+        return _CONV_T[conv_dims(conv)](u, weight, None, conv.stride, conv.padding, tuple(extra),
+                                        conv.groups, conv.dilation)
+    if conv.padding_mode == "circular":  # transposed valid convolution, then fold the wrap back
+        p = pads(conv)
+        extra = []
+        for n, o, k, s, (pl, pr), dil in zip(x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride, p,
+                                             conv.dilation):
+            extra.append(n + pl + pr - ((o - 1) * s + dil * (k - 1) + 1))
+        z = _CONV_T[conv_dims(conv)](u, weight, None, conv.stride, 0, tuple(extra), conv.groups, conv.dilation)
+        for axis, (n, (pl, pr)) in enumerate(zip(x_shape[2:], p)):
+            dim = 2 + axis
+            x = z.narrow(dim, pl, n).clone()
+            if pl:
+                x.narrow(dim, n - pl, pl).add_(z.narrow(dim, 0, pl))
+            if pr:
+                x.narrow(dim, 0, pr).add_(z.narrow(dim, pl + n, pr))
+            z = x
+        return z
     with torch.enable_grad():
         x = torch.zeros(x_shape, dtype=u.dtype, device=u.device, requires_grad=True)
         y = linear_part(conv, x, weight.detach())
@@ -235,22 +254,36 @@ def conv_operator_norm(
 # Certified bound: Gram iteration on the frequency representation.
 
 
+def _scaled_fro(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G / ||G||_F, ||G||_F) per batch matrix, without overflow (scaled by max |G| first);
+    zero matrices stay zero with norm 1 (so that log-scales stay finite)."""
+    a = g.abs().amax(dim=(-2, -1))
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    g = g / a[:, None, None].to(g.dtype)
+    f = torch.linalg.matrix_norm(g, ord="fro")
+    f = torch.where(f > 0, f, torch.ones_like(f))
+    return g / f[:, None, None].to(g.dtype), f.double() * a.double()
+
+
 def gram_bound(mats: torch.Tensor, n_iters: int) -> torch.Tensor:
     """Per-matrix upper bound on σ_max of a batch ``(B, m, n)`` (real or complex) by Gram
-    iteration with rescaling: ``G <- Gᴴ G`` ``n_iters`` times, bound ``||G_T||_F^(1/2^T)``.
-    Exact to rounding for rank-1 matrices; zero matrices give 0."""
+    iteration with rescaling: ``G <- Gᴴ G`` ``n_iters`` times, bound ``||G_T||_F^(1/2^T)`` times
+    the accumulated scales. Exact to rounding for rank-1 matrices; zero matrices give 0.
+    Returns float64 (B,)."""
     g = mats
     if g.shape[-2] > g.shape[-1]:
         g = g.mH  # same singular values; G Gᴴ below is the smaller Gram matrix
     log_scale = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
     for _ in range(n_iters):
-        f = torch.linalg.matrix_norm(g, ord="fro")
-        f = torch.where(f > 0, f, torch.ones_like(f))
-        g = g / f[:, None, None].to(g.dtype)
+        g, f = _scaled_fro(g)
         g = g @ g.mH
-        log_scale = 2 * (log_scale + torch.log(f.double()))
-    fro = torch.linalg.matrix_norm(g, ord="fro").double()
-    return torch.exp((torch.log(fro) + log_scale) / 2**n_iters)
+        log_scale = 2 * (log_scale + torch.log(f))
+    a = g.abs().amax(dim=(-2, -1)).double()
+    nonzero = a > 0
+    a = torch.where(nonzero, a, torch.ones_like(a))
+    fro = torch.linalg.matrix_norm(g / a[:, None, None].to(g.dtype), ord="fro").double() * a
+    bound = torch.exp((torch.log(fro) + log_scale) / 2**n_iters)
+    return torch.where(nonzero, bound, torch.zeros_like(bound))
 
 
 def _pad_copies(n: int, left: int, right: int, mode: str) -> int:
@@ -294,6 +327,12 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.
         dil_w = w.new_zeros((c_out, c_in_g, *ks))
         dil_w[(slice(None), slice(None), *(slice(None, None, dil) for dil in dilation))] = w
         w = dil_w
+    for axis, size in enumerate(grid):  # a kernel wider than the grid wraps around: fold it
+        dim, ext = 2 + axis, w.shape[2 + axis]
+        if ext > size:
+            reps = -(-ext // size)
+            w = F.pad(w.movedim(dim, -1), (0, reps * size - ext))
+            w = w.reshape(*w.shape[:-1], reps, size).sum(-2).movedim(-1, dim)
     dims = tuple(range(2, 2 + d))
     spec = torch.fft.rfftn(w, s=list(grid), dim=dims)  # (C_out, C_in/g, *F)
     spec = spec.reshape(groups, c_out // groups, c_in_g, -1)
