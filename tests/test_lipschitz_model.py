@@ -183,14 +183,14 @@ def test_penalty_kinds_state_dict_and_ranks():
     torch.manual_seed(7)
     model = models.SmallCNN(in_channels=1, input_size=8, width=4)
     pen = LipschitzPenalty(model, (1, 8, 8), kind="log", method="power", n_iters=1, init_iters=30)
+    # a second "rank" built from identical weights and the same seed computes the same value
+    other = LipschitzPenalty(model, (1, 8, 8), kind="log", method="power", n_iters=1, init_iters=30)
     val = pen()
+    assert torch.equal(other(), val)
     sig = torch.stack(list(pen.last_sigmas.values()))
     assert torch.allclose(val, torch.log(sig).pow(2).sum(), rtol=1e-5)
     sd = pen.state_dict()
     assert set(sd) == {f"{p}_{n.replace('.', '_')}" for n, _ in lip_model.layers_of(model) for p in "uv"}
-    # a second "rank" built from identical weights and the same seed computes the same value
-    other = LipschitzPenalty(model, (1, 8, 8), kind="log", method="power", n_iters=1, init_iters=30)
-    assert torch.equal(other(), pen())
     # eval mode: no update, the value is reproducible
     pen.eval()
     assert torch.equal(pen(), pen())
@@ -277,4 +277,5 @@ def test_bad_input():
     with pytest.raises(TypeError, match="no true operator norm for transposed convolutions"):
         spectral_norm(nn.ConvTranspose2d(3, 4, 3), input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="BatchNorm '1' keeps no running statistics"):
-        lipschitz_bound(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)), (3,))
+        lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)),
+                        (3, 4, 4))

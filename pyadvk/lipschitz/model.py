@@ -277,7 +277,7 @@ def _pool_bound(m: nn.Module, in_shape) -> float | None:
         if cls.startswith("MaxPool"):
             return math.sqrt(copies)
         pad = _tuple(m.padding, d)
-        if m.divisor_override:
+        if getattr(m, "divisor_override", None):
             return math.sqrt(copies * math.prod(k)) / m.divisor_override
         if m.count_include_pad or not any(pad):
             return math.sqrt(copies / math.prod(k))
