@@ -21,7 +21,35 @@ def rows(data: dict) -> list[dict]:
     return out
 
 
+def power_iteration_table(data: dict) -> str:
+    """bench_power_iteration.py: median (and min) per row, speedups of the batched op over the
+    per-layer loop, costs relative to forward+backward / a training step, Gram ratios."""
+    out = [dict(b["extra_info"], median=b["stats"]["median"], min=b["stats"]["min"])
+           for b in data["benchmarks"] if b.get("extra_info", {}).get("suite") == "power_iteration"]
+    ref = {r["impl"]: r["median"] for r in out if r["group"] == "reference"}
+    loop = next((r for r in out if r["impl"] == "loop"), None)
+    lines = ["| group | impl | median ms | min ms | relative |", "|---|---|---:|---:|---|"]
+    for r in out:
+        rel = ""
+        if r["group"] == "reshaped" and loop and r["impl"] != "loop":
+            rel = f"{loop['median'] / r['median']:.2f}× faster than loop (min: {loop['min'] / r['min']:.2f}×)"
+        elif r["group"] == "true-power" and "forward+backward" in ref:
+            rel = f"{100 * r['median'] / ref['forward+backward']:.2f}% of fwd+bwd at batch 128"
+        elif r["group"] == "penalty" and "training step" in ref:
+            rel = f"{100 * r['median'] / ref['training step']:.2f}% of a training step at batch 128"
+        elif r["group"] == "gram":
+            q = sorted(r["ratio_bound_over_true"].values())
+            rel = f"bound/true per layer: min {q[0]:.3f}, median {q[len(q) // 2]:.3f}, max {q[-1]:.3f}"
+        lines.append(f"| {r['group']} | {r['impl']} | {1e3 * r['median']:.2f} | {1e3 * r['min']:.2f} | {rel} |")
+    first = out[0] if out else {}
+    head = f"Device: {first.get('device', '?')}, {first.get('threads', '?')} CPU threads, {first.get('layers', '?')} layers; "
+    head += f"machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}"
+    return head + "\n\n" + "\n".join(lines)
+
+
 def table(data: dict) -> str:
+    if any(b.get("extra_info", {}).get("suite") == "power_iteration" for b in data["benchmarks"]):
+        return power_iteration_table(data)
     lines = [
         "| size | norm | impl | median ms | GB/s | % of copy | × unfused |",
         "|---|---|---|---:|---:|---:|---:|",
