@@ -106,7 +106,7 @@ def test_bound_residual_rule_exact_for_linear_block():
     block = models.BasicBlock(2, 2, 1, "relu")
     randomize_bn(block, 3)
     norms = spectral_norms(block, (2, 5, 5), "gram", 8)
-    bn = lambda m: float((m.weight.abs() / torch.sqrt(m.running_var + m.eps)).max())  # noqa: E731
+    bn = lambda m: float((m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max())  # noqa: E731
     expected = float(norms["conv1"]) * bn(block.bn1) * float(norms["conv2"]) * bn(block.bn2) + 1.0
     got = float(lipschitz_bound(block, (2, 5, 5), "gram", 8))
     assert abs(got - expected) <= 1e-5 * expected
