@@ -77,6 +77,7 @@ def test_zero_padding_against_dense_matrix(case):
     check(conv, (cin, *spatial))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_string_padding(padding):
     torch.manual_seed(1)

@@ -118,8 +118,8 @@ def test_spectral_norms_methods():
                           nn.Flatten(), nn.Linear(3 * 2 * 2, 4))
     shape = (2, 6, 6)
     exact = {"0": true_norm(model[0], (2, 6, 6)), "2": true_norm(model[2], (3, 6, 6)),
-             "4": float(torch.linalg.matrix_norm(model[4].weight.double(), ord=2))}
-    reshaped_exact = {n: float(torch.linalg.matrix_norm(model[int(n)].weight.double().flatten(1), ord=2))
+             "4": float(torch.linalg.matrix_norm(model[4].weight.detach().double(), ord=2))}
+    reshaped_exact = {n: float(torch.linalg.matrix_norm(model[int(n)].weight.detach().double().flatten(1), ord=2))
                       for n in exact}
     state = SpectralNormState(torch.Generator().manual_seed(0))
     power = spectral_norms(model, shape, "power", 1000, state=state)
