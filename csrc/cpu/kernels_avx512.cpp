@@ -8,6 +8,7 @@ namespace pyadvk {
 namespace cpu_avx512 {
 #include "cpu/pgd_kernels.inc"
 #include "cpu/half_huber_kernels.inc"
+#include "cpu/power_iteration_kernels.inc"
 }  // namespace cpu_avx512
 }  // namespace pyadvk
 #endif

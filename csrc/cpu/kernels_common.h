@@ -13,3 +13,4 @@
 
 #include "half_huber.h"
 #include "pgd.h"
+#include "power_iteration.h"

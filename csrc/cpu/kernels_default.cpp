@@ -5,5 +5,6 @@ namespace pyadvk {
 namespace cpu_default {
 #include "cpu/pgd_kernels.inc"
 #include "cpu/half_huber_kernels.inc"
+#include "cpu/power_iteration_kernels.inc"
 }  // namespace cpu_default
 }  // namespace pyadvk

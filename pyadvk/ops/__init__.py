@@ -4,8 +4,9 @@ kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in
 from pyadvk import _extension
 from pyadvk.ops.half_huber import half_huber_relu
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
+from pyadvk.ops.power_iteration import power_iteration
 
 # Load the compiled bodies after every schema above is declared.
 _extension.load()
 
-__all__ = ["pgd_step", "pgd_step_", "random_init", "half_huber_relu"]
+__all__ = ["half_huber_relu", "pgd_step", "pgd_step_", "power_iteration", "random_init"]

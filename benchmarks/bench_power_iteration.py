@@ -1,0 +1,176 @@
+"""Spectral norms of every Linear + Conv layer of a CIFAR ResNet-18 (pyadvk.models.resnet18):
+
+* ``reshaped``: reshaped-kernel matrices, 1 power iteration, one batched
+  :func:`pyadvk.ops.power_iteration` call (each body) vs a per-layer loop of the ops
+  torch.nn.utils.parametrizations.spectral_norm runs (``mv``, normalize, ``mv``, normalize, then
+  ``σ = vdot(u, mv(W, v))``);
+* ``true-power``: true convolution operator norms on the layers' CIFAR input sizes, 1
+  warm-started iteration (``spectral_norms(method="power", n_iters=1)``), next to one
+  forward+backward of the network at batch 128;
+* ``gram``: the certified Gram bound (6 steps) for every layer, with the ratio bound / true norm
+  per layer (true norm: 200 power iterations) in ``extra_info``;
+* ``penalty``: ``LipschitzPenalty`` forward+backward (1 iteration; reshaped and power) next to a
+  training step (forward, backward, SGD step) at batch 128.
+
+Run: ``pytest benchmarks/bench_power_iteration.py --benchmark-json=out.json``, then
+``python benchmarks/summarize.py out.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import DEVICE, sync
+from pyadvk import models
+from pyadvk.lipschitz import LipschitzPenalty, SpectralNormState, spectral_norms
+from pyadvk.lipschitz import model as lip_model
+from pyadvk.ops import power_iteration as power_iteration_op
+from pyadvk.ops.power_iteration import POWER_ITERATION
+
+INPUT = (3, 32, 32)
+BATCH = 128
+
+
+@functools.lru_cache(maxsize=None)
+def network():
+    torch.manual_seed(0)
+    net = models.resnet18().to(DEVICE)
+    # trained-like BatchNorm statistics are irrelevant to the layer norms; eval for the bound
+    return net
+
+
+def layer_weights():
+    return [(n, m.weight.detach()) for n, m in lip_model.layers_of(network())]
+
+
+def torch_loop(mats, us, vs):
+    """One step of torch.nn.utils.parametrizations.spectral_norm's power method per layer, plus
+    its σ = vdot(u, mv(W, v)), layer after layer."""
+    sigmas = []
+    for i, w in enumerate(mats):
+        us[i] = F.normalize(torch.mv(w, vs[i]), dim=0, eps=1e-12, out=us[i])
+        vs[i] = F.normalize(torch.mv(w.H, us[i]), dim=0, eps=1e-12, out=vs[i])
+        sigmas.append(torch.vdot(us[i], torch.mv(w, vs[i])))
+    return sigmas
+
+
+def _info(benchmark, **kw):
+    benchmark.extra_info.update(
+        suite="power_iteration", device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), layers=len(layer_weights()), **kw,
+    )
+
+
+@pytest.mark.parametrize("impl", ["loop", "torch", "cpp", "triton", "cuda"])
+def test_reshaped_norms(benchmark, impl):
+    if impl != "loop":
+        why = POWER_ITERATION.reason(impl, DEVICE.type)
+        if why or (impl == "triton" and DEVICE.type == "cpu"):
+            pytest.skip(why or "the Triton interpreter is not benchmarked")
+    mats = [w.reshape(w.shape[0], -1) for _, w in layer_weights()]
+    gen = torch.Generator().manual_seed(0)
+    us = [torch.randn(m.shape[0], generator=gen).to(DEVICE) for m in mats]
+    if impl == "loop":
+        vs = [torch.randn(m.shape[1], generator=gen).to(DEVICE) for m in mats]
+
+        def run():
+            torch_loop(mats, us, vs)
+            sync()
+    else:
+        state = {"us": us}
+
+        def run():
+            _, state["us"], _ = power_iteration_op(mats, state["us"], 1, backend=impl)
+            sync()
+
+    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=3)
+    nbytes = sum(m.numel() * m.element_size() for m in mats)
+    _info(benchmark, group="reshaped", impl=impl, weight_mb=nbytes / 2**20)
+
+
+def _fwd_bwd(net, x, y):
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+
+
+def test_forward_backward_batch128(benchmark):
+    net = network().train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
+    y = torch.randint(0, 10, (BATCH,), generator=gen).to(DEVICE)
+
+    def run():
+        _fwd_bwd(net, x, y)
+        sync()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    _info(benchmark, group="reference", impl="forward+backward", batch=BATCH)
+
+
+def test_training_step_batch128(benchmark):
+    net = network().train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the weights stay as they are
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
+    y = torch.randint(0, 10, (BATCH,), generator=gen).to(DEVICE)
+
+    def run():
+        _fwd_bwd(net, x, y)
+        opt.step()
+        sync()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    _info(benchmark, group="reference", impl="training step", batch=BATCH)
+
+
+def test_true_norms_one_iteration(benchmark):
+    net = network()
+    state = SpectralNormState(torch.Generator().manual_seed(0))
+    spectral_norms(net, INPUT, "power", 5, state=state)  # warm
+
+    def run():
+        spectral_norms(net, INPUT, "power", 1, state=state)
+        sync()
+
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    _info(benchmark, group="true-power", impl="power, 1 warm iteration")
+
+
+@functools.lru_cache(maxsize=None)
+def true_norms():
+    state = SpectralNormState(torch.Generator().manual_seed(0))
+    return {n: float(s) for n, s in spectral_norms(network(), INPUT, "power", 200, state=state).items()}
+
+
+def test_gram_bound(benchmark):
+    net = network()
+    out = {}
+
+    def run():
+        out.update(spectral_norms(net, INPUT, "gram", 6))
+        sync()
+
+    benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    exact = true_norms()
+    reshaped = spectral_norms(net, None, "reshaped", 200)
+    ratios = {n: float(out[n]) / exact[n] for n in exact}
+    _info(benchmark, group="gram", impl="gram bound, 6 steps", ratio_bound_over_true=ratios,
+          true_norm=exact, gram_bound={n: float(s) for n, s in out.items()},
+          reshaped_norm={n: float(s) for n, s in reshaped.items()})
+
+
+@pytest.mark.parametrize("method", ["reshaped", "power"])
+def test_penalty(benchmark, method):
+    net = network().train()
+    pen = LipschitzPenalty(net, INPUT, kind="hinge", target=1.0, n_iters=1, method=method, init_iters=5)
+
+    def run():
+        pen().backward()
+        sync()
+
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    _info(benchmark, group="penalty", impl=f"LipschitzPenalty {method}, fwd+bwd")
