@@ -12,8 +12,9 @@
 * ``penalty``: ``LipschitzPenalty`` forward+backward (1 iteration; reshaped and power) next to a
   training step (forward, backward, SGD step) at batch 128.
 
-Run: ``pytest benchmarks/bench_power_iteration.py --benchmark-json=out.json``, then
-``python benchmarks/summarize.py out.json``.
+Run: ``pyadvk bench --ops power_iteration`` (or ``pytest benchmarks/bench_power_iteration.py
+--benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). The Gram bound
+takes minutes on a 2-core CPU; ``--quick`` skips it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE, sync
+from benchmarks.conftest import DEVICE, QUICK, call_times, impls, record, run_benchmark, sizes, sync
 from pyadvk import models
 from pyadvk.lipschitz import LipschitzPenalty, SpectralNormState, spectral_norms
 from pyadvk.lipschitz import model as lip_model
@@ -33,6 +34,9 @@ from pyadvk.ops.power_iteration import POWER_ITERATION
 
 INPUT = (3, 32, 32)
 BATCH = 128
+SIZES = {"cifar-resnet18": INPUT}
+SIZE = "cifar-resnet18"
+pytestmark = pytest.mark.skipif(SIZE not in sizes(SIZES), reason="size not selected")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,14 +62,22 @@ def torch_loop(mats, us, vs):
     return sigmas
 
 
-def _info(benchmark, **kw):
-    benchmark.extra_info.update(
-        suite="power_iteration", device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), layers=len(layer_weights()), **kw,
-    )
+@functools.lru_cache(maxsize=None)
+def forward_backward_seconds() -> float:
+    """Median seconds of one forward+backward of the network at batch 128 (the yardstick)."""
+    net = network().train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
+    y = torch.randint(0, 10, (BATCH,), generator=gen).to(DEVICE)
+    return sorted(call_times(lambda: _fwd_bwd(net, x, y), repeats=3, warmup=1))[1]
 
 
-@pytest.mark.parametrize("impl", ["loop", "torch", "cpp", "triton", "cuda"])
+def _vs_fwd_bwd(times) -> str:
+    median = sorted(times)[len(times) // 2]
+    return f"{100 * median / forward_backward_seconds():.1f}% of a batch-128 forward+backward"
+
+
+@pytest.mark.parametrize("impl", impls(["loop", "torch", "cpp", "triton", "cuda"]))
 def test_reshaped_norms(benchmark, impl):
     if impl != "loop":
         why = POWER_ITERATION.reason(impl, DEVICE.type)
@@ -79,17 +91,18 @@ def test_reshaped_norms(benchmark, impl):
 
         def run():
             torch_loop(mats, us, vs)
-            sync()
     else:
         state = {"us": us}
 
         def run():
             _, state["us"], _ = power_iteration_op(mats, state["us"], 1, backend=impl)
-            sync()
 
-    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=3)
+    times = run_benchmark(benchmark, run, min_rounds=30)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
-    _info(benchmark, group="reshaped", impl=impl, weight_mb=nbytes / 2**20)
+    # one iteration reads every weight twice (W v, then Wᵀ u): the traffic floor
+    record(benchmark, times, op="spectral_norms", case="reshaped, 1 iter", size=SIZE,
+           shape=[len(mats), sum(m.numel() for m in mats)], impl=impl, bytes_moved=2 * nbytes,
+           layers=len(mats))
 
 
 def _fwd_bwd(net, x, y):
@@ -103,12 +116,9 @@ def test_forward_backward_batch128(benchmark):
     x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
     y = torch.randint(0, 10, (BATCH,), generator=gen).to(DEVICE)
 
-    def run():
-        _fwd_bwd(net, x, y)
-        sync()
-
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    _info(benchmark, group="reference", impl="forward+backward", batch=BATCH)
+    times = run_benchmark(benchmark, lambda: _fwd_bwd(net, x, y), min_rounds=3)
+    record(benchmark, times, op="network", case="forward+backward", size=SIZE, shape=(BATCH, *INPUT),
+           impl="torch", batch=BATCH)
 
 
 def test_training_step_batch128(benchmark):
@@ -121,10 +131,10 @@ def test_training_step_batch128(benchmark):
     def run():
         _fwd_bwd(net, x, y)
         opt.step()
-        sync()
 
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    _info(benchmark, group="reference", impl="training step", batch=BATCH)
+    times = run_benchmark(benchmark, run, min_rounds=3)
+    record(benchmark, times, op="network", case="training step", size=SIZE, shape=(BATCH, *INPUT),
+           impl="torch", batch=BATCH)
 
 
 def test_true_norms_one_iteration(benchmark):
@@ -132,12 +142,9 @@ def test_true_norms_one_iteration(benchmark):
     state = SpectralNormState(torch.Generator().manual_seed(0))
     spectral_norms(net, INPUT, "power", 5, state=state)  # warm
 
-    def run():
-        spectral_norms(net, INPUT, "power", 1, state=state)
-        sync()
-
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-    _info(benchmark, group="true-power", impl="power, 1 warm iteration")
+    times = run_benchmark(benchmark, lambda: spectral_norms(net, INPUT, "power", 1, state=state), min_rounds=5)
+    record(benchmark, times, op="conv_operator_norms", case="true, 1 warm iter", size=SIZE, shape=INPUT,
+           impl="power", note_cost=_vs_fwd_bwd(times))
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,6 +153,7 @@ def true_norms():
     return {n: float(s) for n, s in spectral_norms(network(), INPUT, "power", 200, state=state).items()}
 
 
+@pytest.mark.skipif(QUICK, reason="the Gram bound of a whole ResNet-18 takes minutes on a CPU")
 def test_gram_bound(benchmark):
     net = network()
     out = {}
@@ -155,12 +163,15 @@ def test_gram_bound(benchmark):
         sync()
 
     benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    times = list(benchmark.stats.stats.data)
     exact = true_norms()
     reshaped = spectral_norms(net, None, "reshaped", 200)
     ratios = {n: float(out[n]) / exact[n] for n in exact}
-    _info(benchmark, group="gram", impl="gram bound, 6 steps", ratio_bound_over_true=ratios,
-          true_norm=exact, gram_bound={n: float(s) for n, s in out.items()},
-          reshaped_norm={n: float(s) for n, s in reshaped.items()})
+    record(benchmark, times, op="conv_operator_norms", case="gram bound, 6 steps", size=SIZE, shape=INPUT,
+           impl="gram", ratio_bound_over_true=ratios, true_norm=exact,
+           gram_bound={n: float(s) for n, s in out.items()},
+           reshaped_norm={n: float(s) for n, s in reshaped.items()},
+           note_bound_over_true=f"{min(ratios.values()):.3f}–{max(ratios.values()):.3f}")
 
 
 @pytest.mark.parametrize("method", ["reshaped", "power"])
@@ -168,9 +179,6 @@ def test_penalty(benchmark, method):
     net = network().train()
     pen = LipschitzPenalty(net, INPUT, kind="hinge", target=1.0, n_iters=1, method=method, init_iters=5)
 
-    def run():
-        pen().backward()
-        sync()
-
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-    _info(benchmark, group="penalty", impl=f"LipschitzPenalty {method}, fwd+bwd")
+    times = run_benchmark(benchmark, lambda: pen().backward(), min_rounds=5)
+    record(benchmark, times, op="lipschitz_penalty", case="fwd+bwd, 1 iter", size=SIZE, shape=INPUT,
+           impl=method, note_cost=_vs_fwd_bwd(times))
