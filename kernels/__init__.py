@@ -3,3 +3,4 @@ registers every Triton op (``torch.ops.pyadvk.*_triton``). Set ``TRITON_INTERPRE
 import to run them on CPU tensors through Triton's interpreter."""
 
 from pyadvk.kernels import pgd  # noqa: F401
+from pyadvk.kernels import channel_stats  # noqa: F401

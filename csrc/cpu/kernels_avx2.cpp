@@ -7,6 +7,7 @@
 namespace pyadvk {
 namespace cpu_avx2 {
 #include "cpu/pgd_kernels.inc"
+#include "cpu/channel_stats_kernels.inc"
 }  // namespace cpu_avx2
 }  // namespace pyadvk
 #endif

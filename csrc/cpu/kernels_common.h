@@ -12,3 +12,4 @@
 #include <cstdint>
 
 #include "pgd.h"
+#include "channel_stats.h"

@@ -4,5 +4,6 @@
 namespace pyadvk {
 namespace cpu_default {
 #include "cpu/pgd_kernels.inc"
+#include "cpu/channel_stats_kernels.inc"
 }  // namespace cpu_default
 }  // namespace pyadvk

@@ -3,8 +3,10 @@ kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in
 
 from pyadvk import _extension
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
+from pyadvk.ops.channel_stats import ChannelStats, channel_stats_update, quantile_threshold
 
 # Load the compiled bodies after every schema above is declared.
 _extension.load()
 
 __all__ = ["pgd_step", "pgd_step_", "random_init"]
+__all__ += ["ChannelStats", "channel_stats_update", "quantile_threshold"]
