@@ -13,10 +13,10 @@ import os
 import sys
 
 from pyadvk import distributed
-from pyadvk.cli import ara, demo, explain, info, train
+from pyadvk.cli import ara, demo, explain, info, stats, train
 from pyadvk.cli.common import UserError
 
-COMMANDS = (info, demo, train, ara, explain)
+COMMANDS = (info, demo, train, ara, explain, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:

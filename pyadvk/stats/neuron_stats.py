@@ -37,6 +37,23 @@ FORMAT = "pyadvk-neuron-stats/1"
 DEFAULT_QUANTILE_BUFFER = 4096
 
 
+def _check_range(value, layers):
+    """None, (lo, hi) for every layer, or {layer: (lo, hi)}: finite with lo < hi."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in layers]
+        if unknown:
+            raise ValueError(f"histogram_range names {unknown[0]!r}, which is not one of the layers {layers}")
+        return {k: _check_range(v, layers) for k, v in value.items()}
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"histogram_range must be (lo, hi) or a dict of them per layer, got {value!r}")
+    lo, hi = _checks.real("histogram_range[0]", value[0]), _checks.real("histogram_range[1]", value[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"histogram_range must be finite with lo < hi, got {tuple(value)}")
+    return (lo, hi)
+
+
 class NeuronStats:
     """Streaming statistics of the channels of ``layers`` of ``model``.
 
@@ -48,8 +65,8 @@ class NeuronStats:
         quantile: upper-tail probability q of the threshold T with P(a > T) = q, in (0, 1).
         histogram_bins: bins of each channel's histogram (values outside the range are counted in
             an underflow / overflow column).
-        histogram_range: (lo, hi) of the histograms; default: the first batch's (min, max) of each
-            layer (pass it explicitly when shards are merged).
+        histogram_range: (lo, hi) of the histograms, or a dict of them per layer; default: the
+            first batch's (min, max) of each layer (pass it explicitly when shards are merged).
         num_samples: the number of samples the pass will see in all (all shards together). With
             it, the quantile buffer holds the ``ceil(q·num_samples·S) + 2`` largest values of each
             channel (S = spatial size) and the thresholds are exact; without it the buffer holds
@@ -84,13 +101,7 @@ class NeuronStats:
         self.topk = _checks.integer("topk", topk, low=1)
         self.quantile = cs.check_quantile(quantile)
         self.histogram_bins = _checks.integer("histogram_bins", histogram_bins, low=1)
-        if histogram_range is not None:
-            lo, hi = (_checks.real("histogram_range[0]", histogram_range[0]),
-                      _checks.real("histogram_range[1]", histogram_range[1]))
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"histogram_range must be finite with lo < hi, got {tuple(histogram_range)}")
-            histogram_range = (lo, hi)
-        self.histogram_range = histogram_range
+        self.histogram_range = _check_range(histogram_range, layers)
         self.num_samples = None if num_samples is None else _checks.integer("num_samples", num_samples, low=1)
         self.quantile_buffer = _checks.integer(
             "quantile_buffer", DEFAULT_QUANTILE_BUFFER if quantile_buffer is None else quantile_buffer, low=0)
@@ -176,8 +187,11 @@ class NeuronStats:
     def _create(self, layer: str, a: torch.Tensor) -> cs.ChannelStats:
         channels = a.shape[1]
         spatial = int(math.prod(a.shape[2:]))
-        if self.histogram_range is not None:
-            lo, hi = self.histogram_range
+        given = self.histogram_range
+        if isinstance(given, dict):
+            given = given.get(layer)
+        if given is not None:
+            lo, hi = given
         else:
             finite = a.float()[torch.isfinite(a.float())]
             lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
@@ -341,8 +355,8 @@ class NeuronStats:
         mine = self._config()
         for key in ("layers", "topk", "quantile", "histogram_bins", "histogram_range", "num_samples", "quantile_buffer"):
             a, b = mine[key], config.get(key)
-            if key == "histogram_range" and b is not None:
-                b = tuple(b)
+            if key == "histogram_range":
+                b = _check_range(b, self.layers)
             if a != b:
                 raise ValueError(f"{what} has {key}={b!r}, but this NeuronStats has {key}={a!r}")
 
