@@ -64,7 +64,8 @@ def assert_results_equal(a: dict, b: dict):
         for key, va in a[layer].items():
             vb = b[layer][key]
             if isinstance(va, torch.Tensor) and va.dtype == torch.float64:
-                torch.testing.assert_close(va, vb, rtol=1e-9, atol=1e-9, equal_nan=True, msg=f"{layer} {key}")
+                # moments: float32 block sums (merged in float64) depend on where batches split
+                torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-9, equal_nan=True, msg=f"{layer} {key}")
             elif isinstance(va, torch.Tensor):
                 assert torch.equal(va.nan_to_num(), vb.nan_to_num()), f"{layer} {key}: {va} vs {vb}"
             else:

@@ -124,5 +124,6 @@ def test_under_torchrun_matches_one_process(model_file, tmp_path):
         for key in ("count", "min", "max", "topk_values", "topk_indices", "topk_positions", "threshold", "histogram",
                     "underflow", "overflow", "histogram_range"):
             assert la[key] == lb[key], (name, key)
-        torch.testing.assert_close(torch.tensor(la["mean"]), torch.tensor(lb["mean"]), rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(torch.tensor(la["std"]), torch.tensor(lb["std"]), rtol=1e-9, atol=1e-12)
+        # moments: float32 block sums merged in float64, so the split changes the last digits
+        torch.testing.assert_close(torch.tensor(la["mean"]), torch.tensor(lb["mean"]), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(torch.tensor(la["std"]), torch.tensor(lb["std"]), rtol=1e-6, atol=1e-9)
