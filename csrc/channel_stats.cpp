@@ -24,6 +24,16 @@ void update_(at::Tensor& count, at::Tensor& nan_count, at::Tensor& mean, at::Ten
   if (N == 0) return;
   int64_t S, sn, sc, ss;
   channel_strides(x, S, sn, sc, ss);
+  // A channel's values are strided when channels are innermost (channels_last, (N, C)) and come
+  // in short runs when the spatial size is small: then one transposed copy (C, N, *spatial) makes
+  // each channel one contiguous run, read in long blocks (the kernels see stride_n == S).
+  at::Tensor xt = x;
+  if (C > 1 && N > 1 && (sc == 1 || S < 256)) {
+    xt = x.movedim(1, 0).contiguous();
+    sn = S;
+    sc = N * S;
+    ss = 1;
+  }
   const int64_t bins = hist.size(1) - 2, K = topk_values.size(1), M = qbuf.size(1);
   // Enough tasks for every thread: split the samples of a channel when channels are few.
   const int64_t threads = at::get_num_threads();
@@ -41,7 +51,7 @@ void update_(at::Tensor& count, at::Tensor& nan_count, at::Tensor& mean, at::Ten
   at::Tensor w_topn = at::empty({tasks}, i64);
   at::Tensor w_q = at::empty({tasks, M}, f32), w_qn = at::empty({tasks}, i64);
   ChannelStatsArgs args{x.scalar_type(),
-                        x.data_ptr(),
+                        xt.data_ptr(),
                         N,
                         C,
                         S,

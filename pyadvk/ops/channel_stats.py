@@ -31,7 +31,9 @@ failed update leaves the state as it was.
 
 Bodies: ``torch`` (:func:`channel_stats_update_reference`, the definition), ``cpp`` (csrc/
 channel_stats.cpp: per (channel, sample-group) partials in parallel, then a per-channel merge;
-top-k and the quantile buffer through bounded heaps), ``cuda`` (csrc/cuda/channel_stats.cu: block
+top-k and the quantile buffer through bounded heaps; channels_last / (N, C) batches and batches
+with fewer than 256 positions are first transposed to (C, N, *spatial), one extra copy, so each
+channel is read as one contiguous run), ``cuda`` (csrc/cuda/channel_stats.cu: block
 partials of the moments, min/max and histogram, merged per channel; the top-k and quantile-buffer
 merge runs as ATen sorts on the device) and ``triton`` (kernels/channel_stats.py: Triton programs
 write per (channel, sample-group) partial moments/min/max/NaN counts/histograms; the partials are

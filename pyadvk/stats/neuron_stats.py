@@ -309,7 +309,7 @@ class NeuronStats:
                 return [None if (isinstance(x, float) and not math.isfinite(x)) else x for x in v.tolist()] \
                     if v.dim() == 1 else [plain(r) for r in v]
             return v
-        out = {"samples": self.samples * 1, "quantile": self.quantile, "layers": {}}
+        out = {"samples": self.samples, "quantile": self.quantile, "layers": {}}
         for name, r in self.results().items():
             out["layers"][name] = None if r is None else {k: plain(v) for k, v in r.items()}
         return out
