@@ -5,7 +5,10 @@ torch.topk merges of the top-k and the quantile buffer), on streams of activatio
 Run: ``pytest benchmarks/bench_channel_stats.py --benchmark-json=out.json``, then
 ``python benchmarks/summarize.py out.json``. Every row carries, in ``extra_info``, the effective
 bandwidth (the activations read once, float32) and its share of the copy bandwidth measured in
-the same run, and the peak size of the state (independent of the stream's length).
+the same run, and the size of the state (independent of the stream's length). The ``norm`` field
+(the column name summarize.py shares with bench_pgd_step.py) holds the quantile-buffer setting.
+The timed rounds are the first batches of a stream, when the top-k and quantile heaps still take
+many values; later in a pass fewer values beat the heaps' roots.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ def rotating_inputs(shape, total_bytes=256 * 2**20):
     return [torch.randn(shape, device=DEVICE, generator=gen).relu_() for _ in range(sets)]
 
 
-def new_state(shape):
+BUFFERS = {"exact-10k": DATASET, "none": 0}
+
+
+def new_state(shape, buffer: str):
+    """A state with top-16, 64 bins and, for "exact-10k", the quantile buffer that makes the
+    q = 0.005 threshold exact over a dataset of 10,000 samples (none: no buffer)."""
     spatial = math.prod(shape[2:])
-    return cs.ChannelStats.create(shape[1], topk=TOPK, bins=BINS, lo=0.0, hi=4.0,
-                                  quantile_capacity=cs.quantile_capacity(Q, DATASET * spatial), device=DEVICE)
+    m = cs.quantile_capacity(Q, BUFFERS[buffer] * spatial) if BUFFERS[buffer] else 0
+    return cs.ChannelStats.create(shape[1], topk=TOPK, bins=BINS, lo=0.0, hi=4.0, quantile_capacity=m,
+                                  device=DEVICE)
 
 
 def unfused_update(st: cs.ChannelStats, x: torch.Tensor, offset: int) -> None:
@@ -60,7 +69,8 @@ def unfused_update(st: cs.ChannelStats, x: torch.Tensor, offset: int) -> None:
     old_keys = st.topk_sample * spatial + st.topk_pos
     k = torch.cat([old_keys, keys.expand(c, -1)], 1).gather(1, top.indices)
     st.topk_values.copy_(top.values), st.topk_sample.copy_(k // spatial), st.topk_pos.copy_(k % spatial)
-    st.qbuf.copy_(torch.topk(torch.cat([st.qbuf, v], 1), st.quantile_capacity, dim=1).values)
+    if st.quantile_capacity:
+        st.qbuf.copy_(torch.topk(torch.cat([st.qbuf, v], 1), st.quantile_capacity, dim=1).values)
 
 
 def make_update(impl: str):
@@ -69,9 +79,10 @@ def make_update(impl: str):
     return lambda st, x, offset: cs.channel_stats_update(st, x, offset, backend=impl)
 
 
+@pytest.mark.parametrize("buffer", list(BUFFERS))
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_channel_stats(benchmark, size, impl):
+def test_channel_stats(benchmark, size, impl, buffer):
     if impl != "unfused":
         why = cs.UPDATE.reason(impl, DEVICE.type)
         if why or (impl == "triton" and DEVICE.type == "cpu"):
@@ -79,7 +90,7 @@ def test_channel_stats(benchmark, size, impl):
     shape = SIZES[size]
     inputs = rotating_inputs(shape)
     update = make_update(impl)
-    state = new_state(shape)
+    state = new_state(shape, buffer)
     counter = {"i": 0}
 
     def run():
@@ -98,7 +109,7 @@ def test_channel_stats(benchmark, size, impl):
     state_bytes = sum(t.numel() * t.element_size() for t in state.tensors())
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), size=size, shape=list(shape), norm="-", impl=impl, numel=numel,
+        threads=torch.get_num_threads(), size=size, shape=list(shape), norm=buffer, impl=impl, numel=numel,
         gbps=gbps / 1e9, copy_gbps=copy / 1e9, pct_of_copy=100 * gbps / copy, state_mib=state_bytes / 2**20,
         quantile_capacity=state.quantile_capacity,
     )

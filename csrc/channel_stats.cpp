@@ -26,9 +26,10 @@ void update_(at::Tensor& count, at::Tensor& nan_count, at::Tensor& mean, at::Ten
   channel_strides(x, S, sn, sc, ss);
   // A channel's values are strided when channels are innermost (channels_last, (N, C)) and come
   // in short runs when the spatial size is small: then one transposed copy (C, N, *spatial) makes
-  // each channel one contiguous run, read in long blocks (the kernels see stride_n == S).
+  // each channel one contiguous run, read in long blocks (the kernels see stride_n == S). The
+  // kernels read positions with stride 1, which holds in every other case.
   at::Tensor xt = x;
-  if (C > 1 && N > 1 && (sc == 1 || S < 256)) {
+  if (ss != 1 || (C > 1 && N > 1 && S < 256)) {
     xt = x.movedim(1, 0).contiguous();
     sn = S;
     sc = N * S;
