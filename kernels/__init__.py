@@ -5,3 +5,4 @@ import to run them on CPU tensors through Triton's interpreter."""
 from pyadvk.kernels import pgd  # noqa: F401
 from pyadvk.kernels import half_huber  # noqa: F401
 from pyadvk.kernels import power_iteration  # noqa: F401
+from pyadvk.kernels import channel_stats  # noqa: F401

@@ -9,6 +9,7 @@ namespace cpu_avx2 {
 #include "cpu/pgd_kernels.inc"
 #include "cpu/half_huber_kernels.inc"
 #include "cpu/power_iteration_kernels.inc"
+#include "cpu/channel_stats_kernels.inc"
 }  // namespace cpu_avx2
 }  // namespace pyadvk
 #endif

@@ -14,3 +14,4 @@
 #include "half_huber.h"
 #include "pgd.h"
 #include "power_iteration.h"
+#include "channel_stats.h"

@@ -13,10 +13,10 @@ import os
 import sys
 
 from pyadvk import distributed
-from pyadvk.cli import ara, bench, demo, explain, info, train
+from pyadvk.cli import ara, bench, demo, explain, info, stats, train
 from pyadvk.cli.common import UserError
 
-COMMANDS = (info, demo, train, ara, explain, bench)
+COMMANDS = (info, demo, train, ara, explain, stats, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,18 @@ from pyadvk import _extension
 from pyadvk.ops.half_huber import half_huber_relu
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
 from pyadvk.ops.power_iteration import power_iteration
+from pyadvk.ops.channel_stats import ChannelStats, channel_stats_update, quantile_threshold
 
 # Load the compiled bodies after every schema above is declared.
 _extension.load()
 
-__all__ = ["half_huber_relu", "pgd_step", "pgd_step_", "power_iteration", "random_init"]
+__all__ = [
+    "ChannelStats",
+    "channel_stats_update",
+    "half_huber_relu",
+    "pgd_step",
+    "pgd_step_",
+    "power_iteration",
+    "quantile_threshold",
+    "random_init",
+]

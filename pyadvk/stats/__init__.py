@@ -1,4 +1,5 @@
-"""Statistics over a model's neurons: the consistency analysis and influential neurons of Dong et
+"""Statistics over a model's neurons: streaming per-neuron activation statistics over whole
+datasets (:class:`NeuronStats`), and the consistency analysis and influential neurons of Dong et
 al. 2017 (paper 2)."""
 
 from pyadvk.stats.consistency import (
@@ -8,6 +9,15 @@ from pyadvk.stats.consistency import (
     representation_consistency,
 )
 from pyadvk.stats.influence import InfluenceResult, influential_neurons
+from pyadvk.stats.neuron_stats import NeuronStats, plot_top_patches
 
-__all__ = ["ConsistencyResult", "InfluenceResult", "consistency", "consistency_score", "influential_neurons",
-           "representation_consistency"]
+__all__ = [
+    "ConsistencyResult",
+    "InfluenceResult",
+    "NeuronStats",
+    "consistency",
+    "consistency_score",
+    "influential_neurons",
+    "plot_top_patches",
+    "representation_consistency",
+]

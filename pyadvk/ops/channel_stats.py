@@ -1,0 +1,469 @@
+"""Streaming per-channel statistics of activations: one fused pass per batch.
+
+``channel_stats_update(state, activations, sample_offset)`` folds a batch of activations of shape
+(N, C) or (N, C, *spatial) (float32/float16/bfloat16, contiguous or channels_last) into a
+:class:`ChannelStats` state, per channel c, over the values ``a[n, c, p]`` (n the sample, p the
+flat spatial position in row-major order of ``spatial``, whatever the memory layout):
+
+* ``nan_count``: NaN values; every other statistic leaves them out.
+* ``count``: the non-NaN values seen.
+* ``mean``, ``m2`` (float64): mean and sum of squared deviations, combined over batches and
+  blocks with Chan's parallel formula ``M2 = M2_a + M2_b + δ² n_a n_b / n``; variance ``m2/count``
+  (population) or ``m2/(count-1)``. Accurate in float32 input over 10^9 values: the bodies sum
+  blocks of at most a few thousand values *shifted* by a value of the block (so a large common
+  offset cancels) and merge the blocks in float64.
+* ``minimum``, ``maximum`` (float32; +inf / -inf while count is 0).
+* ``hist`` (int64, (C, bins + 2)): column 0 counts values < lo, column bins + 1 values > hi, and a
+  value v in [lo, hi] goes to column ``1 + min(floor((v - lo) * inv), bins - 1)`` with
+  ``inv = float32(bins / (hi - lo))`` and the arithmetic in float32 (every body computes the bin
+  this way, so histograms are equal bit for bit). ±inf fall in the under/overflow columns.
+* ``topk_values`` / ``topk_sample`` / ``topk_pos`` ((C, K)): the K largest values seen, largest
+  first, with the dataset index of their sample (``sample_offset + n``) and their flat spatial
+  position. **Ties**: among equal values the smaller (sample, position) comes first, so the
+  result does not depend on how the data was split into batches, blocks, shards or threads.
+  Only the first ``min(count, K)`` entries are meaningful (the rest: value -inf, indices -1).
+* ``qbuf`` ((C, M) float32): the M largest values, largest first (no indices): the buffer from
+  which :func:`quantile_threshold` computes the exact upper quantile (see there). M may be 0.
+
+All updates happen in place on the state's tensors (the op schema marks them ``Tensor(a!)``):
+a stream of batches never reallocates. Arguments are checked before anything is written, so a
+failed update leaves the state as it was.
+
+Bodies: ``torch`` (:func:`channel_stats_update_reference`, the definition), ``cpp`` (csrc/
+channel_stats.cpp: per (channel, sample-group) partials in parallel, then a per-channel merge;
+top-k and the quantile buffer through bounded heaps; channels_last / (N, C) batches and batches
+with fewer than 256 positions are first transposed to (C, N, *spatial), one extra copy, so each
+channel is read as one contiguous run), ``cuda`` (csrc/cuda/channel_stats.cu: block
+partials of the moments, min/max and histogram, merged per channel; the top-k and quantile-buffer
+merge runs as ATen sorts on the device) and ``triton`` (kernels/channel_stats.py: Triton programs
+write per (channel, sample-group) partial moments/min/max/NaN counts/histograms; the partials are
+merged in float64 and the top-k / buffer merge is :func:`merge_topk` (torch sorts), as in the
+reference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pyadvk import _backend, _checks
+from pyadvk.ops._library import define
+
+_STATE_ARGS = (
+    "Tensor(a!) count, Tensor(b!) nan_count, Tensor(c!) mean, Tensor(d!) m2, Tensor(e!) minimum, "
+    "Tensor(f!) maximum, Tensor(g!) hist, Tensor(h!) topk_values, Tensor(i!) topk_sample, "
+    "Tensor(j!) topk_pos, Tensor(k!) qbuf"
+)
+define(f"channel_stats_update_({_STATE_ARGS}, Tensor x, int sample_offset, float lo, float hi) -> ()")
+
+
+@torch.library.register_fake("pyadvk::channel_stats_update_")
+def _fake_update(count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
+                 topk_pos, qbuf, x, sample_offset, lo, hi):
+    return None
+
+
+UPDATE = _backend.OpBodies("channel_stats_update", native_ops=("channel_stats_update_",))
+
+_TENSOR_FIELDS = ("count", "nan_count", "mean", "m2", "minimum", "maximum", "hist", "topk_values",
+                  "topk_sample", "topk_pos", "qbuf")
+
+
+@dataclass
+class ChannelStats:
+    """The running statistics of C channels (see the module docstring for each field).
+
+    Create one with :meth:`create`; ``spatial_size`` (values per sample and channel) is fixed by
+    the first update and checked on every later one, ``samples`` counts the samples seen.
+    """
+
+    count: torch.Tensor
+    nan_count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+    hist: torch.Tensor
+    topk_values: torch.Tensor
+    topk_sample: torch.Tensor
+    topk_pos: torch.Tensor
+    qbuf: torch.Tensor
+    lo: float
+    hi: float
+    spatial_size: int | None = None
+    samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, channels: int, *, topk: int = 16, bins: int = 64, lo: float = 0.0, hi: float = 1.0,
+               quantile_capacity: int = 0, device: torch.device | str = "cpu") -> "ChannelStats":
+        """An empty state: ``topk`` >= 1 entries, ``bins`` >= 1 histogram bins over [lo, hi]
+        (lo < hi, finite), a quantile buffer of ``quantile_capacity`` >= 0 values per channel."""
+        channels = _checks.integer("channels", channels, low=1)
+        topk = _checks.integer("topk", topk, low=1)
+        bins = _checks.integer("bins", bins, low=1)
+        quantile_capacity = _checks.integer("quantile_capacity", quantile_capacity, low=0)
+        lo, hi = _checks.real("lo", lo), _checks.real("hi", hi)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"the histogram range must be finite with lo < hi, got lo={lo}, hi={hi}")
+        dev = torch.device(device)
+        i64 = dict(dtype=torch.int64, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        f64 = dict(dtype=torch.float64, device=dev)
+        return cls(
+            count=torch.zeros(channels, **i64), nan_count=torch.zeros(channels, **i64),
+            mean=torch.zeros(channels, **f64), m2=torch.zeros(channels, **f64),
+            minimum=torch.full((channels,), math.inf, **f32), maximum=torch.full((channels,), -math.inf, **f32),
+            hist=torch.zeros(channels, bins + 2, **i64),
+            topk_values=torch.full((channels, topk), -math.inf, **f32),
+            topk_sample=torch.full((channels, topk), -1, **i64), topk_pos=torch.full((channels, topk), -1, **i64),
+            qbuf=torch.full((channels, quantile_capacity), -math.inf, **f32), lo=lo, hi=hi,
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def topk(self) -> int:
+        return self.topk_values.shape[1]
+
+    @property
+    def bins(self) -> int:
+        return self.hist.shape[1] - 2
+
+    @property
+    def quantile_capacity(self) -> int:
+        return self.qbuf.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f) for f in _TENSOR_FIELDS)
+
+    def clone(self) -> "ChannelStats":
+        return ChannelStats(*(t.clone() for t in self.tensors()), lo=self.lo, hi=self.hi,
+                            spatial_size=self.spatial_size, samples=self.samples, extra=dict(self.extra))
+
+    def to(self, device) -> "ChannelStats":
+        return ChannelStats(*(t.to(device) for t in self.tensors()), lo=self.lo, hi=self.hi,
+                            spatial_size=self.spatial_size, samples=self.samples, extra=dict(self.extra))
+
+    def variance(self, unbiased: bool = False) -> torch.Tensor:
+        """Per-channel variance (float64): m2/count, or m2/(count-1); NaN without enough values."""
+        n = self.count.to(torch.float64) - (1 if unbiased else 0)
+        return torch.where(n > 0, self.m2 / n.clamp_min(1), torch.full_like(self.m2, math.nan))
+
+    def state_dict(self) -> dict:
+        """Tensors (on the CPU) and settings, for torch.save (weights_only-loadable)."""
+        out = {f: getattr(self, f).cpu() for f in _TENSOR_FIELDS}
+        out.update(lo=self.lo, hi=self.hi, spatial_size=self.spatial_size, samples=self.samples)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device="cpu") -> "ChannelStats":
+        missing = [k for k in _TENSOR_FIELDS + ("lo", "hi", "spatial_size", "samples") if k not in sd]
+        if missing:
+            raise ValueError(f"state dict of a ChannelStats lacks {', '.join(missing)}")
+        return cls(*(sd[f].to(device) for f in _TENSOR_FIELDS), lo=float(sd["lo"]), hi=float(sd["hi"]),
+                   spatial_size=sd["spatial_size"], samples=int(sd["samples"]))
+
+    def check_compatible(self, other: "ChannelStats", what: str = "other") -> None:
+        """Raises ValueError unless ``other`` has the same channels, K, bins, range, buffer size
+        and spatial size (when both know it)."""
+        for name in ("channels", "topk", "bins", "quantile_capacity", "lo", "hi"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                raise ValueError(f"{what} has {name}={b}, but this state has {name}={a}: states of "
+                                 "different configurations cannot be combined")
+        if None not in (self.spatial_size, other.spatial_size) and self.spatial_size != other.spatial_size:
+            raise ValueError(f"{what} has spatial_size={other.spatial_size}, but this state has "
+                             f"spatial_size={self.spatial_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by the torch reference, the Triton wrapper and merging of states.
+
+
+def bin_columns(values: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+    """Histogram column (0 = under, 1..bins, bins+1 = over) of each float32 value (no NaN)."""
+    lo_t = torch.tensor(lo, dtype=torch.float32, device=values.device)
+    inv = torch.tensor(bins / (hi - lo), dtype=torch.float32, device=values.device)
+    inside = (values >= lo_t) & (values <= torch.tensor(hi, dtype=torch.float32, device=values.device))
+    b = torch.floor((torch.where(inside, values, lo_t) - lo_t) * inv).clamp_(max=bins - 1).to(torch.int64) + 1
+    return torch.where(inside, b, torch.where(values < lo_t, 0, bins + 1))
+
+
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s parallel combination of (count, mean, M2) triples (float64; counts int64)."""
+    na, nb = n_a.to(torch.float64), n_b.to(torch.float64)
+    n = na + nb
+    safe = torch.where(n > 0, n, 1.0)
+    delta = mean_b - mean_a
+    mean = torch.where(nb > 0, torch.where(na > 0, mean_a + delta * (nb / safe), mean_b), mean_a)
+    m2 = torch.where((na > 0) & (nb > 0), m2_a + m2_b + delta * delta * (na * nb / safe),
+                     torch.where(na > 0, m2_a, m2_b))
+    return n_a + n_b, mean, m2
+
+
+def merge_topk(values: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int):
+    """Per row, the ``k`` best valid entries: larger value first, then smaller key; invalid entries
+    last. Returns (values, keys) of shape (rows, k) (padding: -inf, -1)."""
+    order = torch.sort(keys, dim=1, stable=True).indices
+    v, kk, ok = values.gather(1, order), keys.gather(1, order), valid.gather(1, order)
+    order = torch.sort(torch.where(ok, v, -math.inf), dim=1, descending=True, stable=True).indices
+    v, kk, ok = v.gather(1, order), kk.gather(1, order), ok.gather(1, order)
+    order = torch.sort(ok.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    v, kk, ok = v.gather(1, order), kk.gather(1, order), ok.gather(1, order)
+    if v.shape[1] < k:
+        pad = k - v.shape[1]
+        v = torch.cat([v, v.new_full((v.shape[0], pad), -math.inf)], 1)
+        kk = torch.cat([kk, kk.new_full((kk.shape[0], pad), -1)], 1)
+        ok = torch.cat([ok, ok.new_zeros((ok.shape[0], pad))], 1)
+    return torch.where(ok, v, -math.inf), torch.where(ok, kk, -1)
+
+
+def merge_buffers(a: torch.Tensor, b: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m`` largest values per row of two descending buffers (padding -inf)."""
+    if m == 0:
+        return a[:, :0]
+    both = torch.cat([a, b], 1)
+    if both.shape[1] < m:
+        both = torch.cat([both, both.new_full((both.shape[0], m - both.shape[1]), -math.inf)], 1)
+    return torch.topk(both, m, dim=1).values
+
+
+def _slots(count: torch.Tensor, width: int) -> torch.Tensor:
+    """(C, width) mask of the filled slots of a buffer: the first min(count, width)."""
+    return torch.arange(width, device=count.device) < count.clamp(max=width)[:, None]
+
+
+def merge_selection_(state: ChannelStats, old_count: torch.Tensor, values: torch.Tensor,
+                     keys: torch.Tensor, valid: torch.Tensor) -> None:
+    """Folds candidate (values, keys, valid) of shape (C, L) into the state's top-k and quantile
+    buffer, in place; ``old_count`` is the non-NaN count before these candidates."""
+    spatial = state.spatial_size
+    k = state.topk
+    slot = _slots(old_count, k)
+    old_keys = torch.where(slot, state.topk_sample * spatial + state.topk_pos, -1)
+    v, kk = merge_topk(torch.cat([state.topk_values, values], 1), torch.cat([old_keys, keys], 1),
+                       torch.cat([slot, valid], 1), k)
+    state.topk_values.copy_(v)
+    state.topk_sample.copy_(torch.where(kk >= 0, kk // spatial, -1))
+    state.topk_pos.copy_(torch.where(kk >= 0, kk % spatial, -1))
+    if state.quantile_capacity:
+        cand = torch.where(valid, values, -math.inf)
+        width = min(state.quantile_capacity, cand.shape[1])
+        cand = torch.topk(cand, width, dim=1).values if width < cand.shape[1] else cand
+        state.qbuf.copy_(merge_buffers(state.qbuf, cand, state.quantile_capacity))
+
+
+def channel_view(x: torch.Tensor) -> torch.Tensor:
+    """(C, N*S) float32 view/copy of activations (N, C, *spatial), column n*S + p."""
+    n, c = x.shape[0], x.shape[1]
+    return x.float().reshape(n, c, -1).transpose(0, 1).reshape(c, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch body: the definition of the op.
+
+
+def channel_stats_update_reference(count, nan_count, mean, m2, minimum, maximum, hist, topk_values,
+                                   topk_sample, topk_pos, qbuf, x, sample_offset, lo, hi) -> None:
+    """Updates the state tensors in place with the batch ``x`` (see the module docstring)."""
+    n, c = x.shape[0], x.shape[1]
+    spatial = x[0, 0].numel() if n else int(math.prod(x.shape[2:]))
+    v = channel_view(x)  # (C, L)
+    valid = ~torch.isnan(v)
+    nb = valid.sum(1)
+    v64 = torch.where(valid, v.double(), 0.0)
+    mean_b = v64.sum(1) / nb.clamp(min=1)
+    m2_b = torch.where(valid, (v.double() - mean_b[:, None]) ** 2, 0.0).sum(1)
+    old_count = count.clone()
+    new_n, new_mean, new_m2 = chan_merge(count, mean, m2, nb, mean_b, m2_b)
+    if v.shape[1]:
+        minimum.copy_(torch.minimum(minimum, torch.where(valid, v, math.inf).amin(1)))
+        maximum.copy_(torch.maximum(maximum, torch.where(valid, v, -math.inf).amax(1)))
+    bins = hist.shape[1] - 2
+    cols = bin_columns(torch.where(valid, v, 0.0), lo, hi, bins)
+    hist.add_(torch.zeros_like(hist).scatter_add_(1, cols, valid.to(torch.int64)))
+    nan_count.add_((~valid).sum(1))
+    keys = (sample_offset * spatial + torch.arange(v.shape[1], device=v.device)).expand(c, -1)
+    state = ChannelStats(count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
+                         topk_pos, qbuf, lo=lo, hi=hi, spatial_size=max(spatial, 1))
+    merge_selection_(state, old_count, v, keys, valid)
+    count.copy_(new_n)
+    mean.copy_(new_mean)
+    m2.copy_(new_m2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def dense_format(t: torch.Tensor) -> torch.memory_format | None:
+    from pyadvk.ops.pgd import dense_format as _dense
+
+    return _dense(t)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: _backend.OpBodies, device: torch.device, backend: str | None) -> str:
+    return _backend.resolve(op, device, backend)
+
+
+def check_update(state: ChannelStats, activations: torch.Tensor, sample_offset: int) -> int:
+    """Checks the arguments of an update; returns the spatial size S."""
+    if not isinstance(state, ChannelStats):
+        raise TypeError(f"state must be a pyadvk.ops.ChannelStats, got {type(state).__name__}")
+    _checks.tensor("activations", activations, min_dim=2)
+    sample_offset = _checks.integer("sample_offset", sample_offset, low=0)
+    if activations.shape[1] != state.channels:
+        raise ValueError(f"activations must have {state.channels} channels (dim 1) like the state, "
+                         f"got shape {tuple(activations.shape)}")
+    if activations.device != state.count.device:
+        raise ValueError(f"activations must be on the state's device ({state.count.device}), got "
+                         f"{activations.device}")
+    spatial = int(math.prod(activations.shape[2:]))
+    if spatial == 0:
+        raise ValueError(f"activations must have a non-empty spatial size, got shape {tuple(activations.shape)}")
+    if state.spatial_size is not None and spatial != state.spatial_size:
+        raise ValueError(f"activations must have {state.spatial_size} spatial values per channel like "
+                         f"the earlier batches, got shape {tuple(activations.shape)}")
+    return spatial
+
+
+def channel_stats_update(state: ChannelStats, activations: torch.Tensor, sample_offset: int = 0, *,
+                         backend: str | None = None) -> ChannelStats:
+    """Folds ``activations`` (N, C) or (N, C, *spatial) into ``state`` in place and returns it.
+
+    Args:
+        state: a :class:`ChannelStats` with C channels on the activations' device.
+        activations: float32/float16/bfloat16; contiguous or channels_last (other layouts are
+            copied to contiguous first).
+        sample_offset: dataset index of ``activations[0]`` (top-k entries record
+            ``sample_offset + n``); >= 0.
+        backend: force a body ("cuda", "triton", "cpp", "torch"); default: see pyadvk.set_backend.
+    """
+    spatial = check_update(state, activations, sample_offset)
+    if activations.shape[0] == 0:
+        state.spatial_size = spatial
+        return state
+    if dense_format(activations) is None:
+        activations = activations.contiguous()
+    name = _resolve(UPDATE, activations.device, backend)
+    state.spatial_size = spatial
+    args = (*state.tensors(), activations, sample_offset, state.lo, state.hi)
+    if name == "torch":
+        channel_stats_update_reference(*args)
+    elif name == "triton":
+        torch.ops.pyadvk.channel_stats_update_triton_(*args)
+    else:
+        torch.ops.pyadvk.channel_stats_update_(*args)
+    state.samples += activations.shape[0]
+    return state
+
+
+def merge_states(a: ChannelStats, b: ChannelStats) -> ChannelStats:
+    """A new state equal to one pass over the data of ``a`` and of ``b`` (in either order: the
+    top-k tie order depends on the sample indices only)."""
+    a.check_compatible(b, "the other state")
+    out = a.clone()
+    out.spatial_size = a.spatial_size or b.spatial_size
+    out.samples = a.samples + b.samples
+    spatial = out.spatial_size or 1
+    out.nan_count += b.nan_count
+    torch.minimum(a.minimum, b.minimum, out=out.minimum)
+    torch.maximum(a.maximum, b.maximum, out=out.maximum)
+    out.hist += b.hist
+    slots = torch.cat([_slots(a.count, a.topk), _slots(b.count, b.topk)], 1)
+    keys = torch.cat([a.topk_sample * spatial + a.topk_pos, b.topk_sample * spatial + b.topk_pos], 1)
+    v, kk = merge_topk(torch.cat([a.topk_values, b.topk_values], 1), torch.where(slots, keys, -1), slots, a.topk)
+    out.topk_values.copy_(v)
+    out.topk_sample.copy_(torch.where(kk >= 0, kk // spatial, -1))
+    out.topk_pos.copy_(torch.where(kk >= 0, kk % spatial, -1))
+    out.qbuf.copy_(merge_buffers(a.qbuf, b.qbuf, a.quantile_capacity))
+    n, mean, m2 = chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
+    out.count.copy_(n)
+    out.mean.copy_(mean)
+    out.m2.copy_(m2)
+    return out
+
+
+def quantile_capacity(q: float, count: int) -> int:
+    """Buffer size M that makes :func:`quantile_threshold` exact for up to ``count`` values:
+    the linear interpolation at 1 - q needs the ``ceil(q (n - 1)) + 1`` largest values; one more
+    covers the float32 rounding of the rank ``(1 - q)(n - 1)`` that torch.quantile computes."""
+    q = check_quantile(q)
+    count = _checks.integer("count", count, low=0)
+    return min(count, math.ceil(q * max(count - 1, 0)) + 2)
+
+
+def check_quantile(q) -> float:
+    q = _checks.real("quantile", q)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1) (the upper tail probability), got {q}")
+    return q
+
+
+def quantile_threshold(state: ChannelStats, q: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel T with P(a > T) = q: the value ``torch.quantile(a, 1 - q)`` (linear
+    interpolation) of the channel's non-NaN values (``torch.nanquantile``), or NaN for a channel
+    without values.
+
+    Exact when the quantile buffer holds the ``ceil(q (count - 1)) + 1`` largest values (see
+    :func:`quantile_capacity`: size the buffer from the number of values when it is known in
+    advance): then the result equals torch.quantile on all values, bit for bit. Otherwise
+    (the count was not known, the buffer is too small) the threshold is read off the histogram:
+    the value at rank ``(1 - q)(count - 1)`` interpolated linearly inside its bin, which is
+    within one bin width ``(hi - lo) / bins`` of the exact value when that rank falls inside
+    [lo, hi]; when it falls in the under/overflow column the result is NaN.
+
+    Returns (thresholds float32 (C,), exact bool (C,)).
+    """
+    q = check_quantile(q)
+    count = state.count.cpu()
+    out = torch.full((state.channels,), math.nan, dtype=torch.float32)
+    exact = torch.zeros(state.channels, dtype=torch.bool)
+    qf = torch.tensor(1.0 - q, dtype=torch.float32)
+    buf = state.qbuf.cpu()
+    hist = state.hist.cpu()
+    for c in range(state.channels):
+        n = int(count[c])
+        if n == 0:
+            continue
+        rank = qf * (n - 1)  # float32, as torch.quantile computes it
+        below = int(rank.to(torch.int64))
+        above = int(torch.ceil(rank).to(torch.int64))
+        need = n - below  # the largest values down to sorted index `below`
+        if need <= state.quantile_capacity:
+            # ascending sorted index i is buffer index n - 1 - i
+            vb = buf[c, n - 1 - below]
+            va = buf[c, n - 1 - above]
+            out[c] = torch.lerp(vb.reshape(1), va.reshape(1), (rank - below).reshape(1))[0]
+            exact[c] = True
+        else:
+            out[c] = _histogram_quantile(hist[c], float(rank), state.lo, state.hi)
+    return out, exact
+
+
+def _histogram_quantile(hist: torch.Tensor, rank: float, lo: float, hi: float) -> float:
+    """Estimate of the value at fractional ascending rank ``rank`` (0-based) from a histogram with
+    under/overflow columns: the j-th of the h values of a bin is placed at ``(j + 0.5) / h`` of
+    the bin, and fractional ranks interpolate linearly between the two neighbouring ranks. Each
+    placed value lies in the bin of the true one, so the error is at most one bin width; NaN when
+    a needed rank lies in the under/overflow column."""
+    bins = hist.shape[0] - 2
+    cum = torch.cumsum(hist, 0)
+    width = (hi - lo) / bins
+
+    def at(r: int) -> float:
+        col = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype), right=True)[0])
+        if col == 0 or col >= bins + 1:
+            return math.nan
+        before = int(cum[col - 1])
+        return lo + (col - 1 + (r - before + 0.5) / int(hist[col])) * width
+
+    below, frac = math.floor(rank), rank - math.floor(rank)
+    vb = at(below)
+    return vb if frac == 0 else vb + frac * (at(below + 1) - vb)

@@ -1,0 +1,129 @@
+"""`pyadvk stats`: JSON summary, state and top-patch PNGs; bad layer names exit 2 with the valid
+names; under torchrun (2 processes, gloo) the numbers equal one process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyadvk import models
+from pyadvk.cli import main
+from pyadvk.data import digits
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyadvk", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.manual_seed(1)
+    model = models.build("small_cnn", num_classes=10, in_channels=1, input_size=8, width=8)
+    models.save_model(model, path, "small_cnn", num_classes=10, in_channels=1, input_size=8, width=8)
+    return path
+
+
+ARGS = ["--data", "digits:8", "--layers", "features.1,features.8,classifier.2", "--num-images", "37",
+        "--batch-size", "10", "--topk", "4", "--quantile", "0.01", "--bins", "16", "--quiet"]
+
+
+def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["stats", "--model", str(model_file), *ARGS, "--patches", "2", "--receptive-field", "5",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "features.1: 8 channels" in printed and "classifier.2: 32 channels" in printed
+    summary = json.loads((out / "stats.json").read_text())
+    assert summary["samples"] == 37
+    layer = summary["layers"]["features.1"]
+    assert len(layer["mean"]) == 8 and len(layer["topk_indices"][0]) == 4
+    assert all(0 <= i < 37 for row in layer["topk_indices"] for i in row)
+    assert all(layer["threshold_exact"])
+    assert layer["count"][0] == 37 * 8 * 8
+    # the summary matches the activations computed directly
+    model = models.load_model(model_file)
+    ds = digits(8, "test")
+    images = torch.stack([ds[i][0] for i in range(37)])
+    acts = {}
+    h = dict(model.named_modules())["features.1"].register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    with torch.no_grad():
+        model(images)
+    h.remove()
+    v = acts["a"].transpose(0, 1).reshape(8, -1)
+    torch.testing.assert_close(torch.tensor(layer["mean"], dtype=torch.float64), v.double().mean(1), rtol=1e-5, atol=1e-6)
+    assert layer["threshold"] == torch.quantile(v, 0.99, dim=1).tolist()
+    assert layer["max"] == v.amax(1).tolist()
+    pngs = sorted(p.name for p in (out / "patches").iterdir())
+    assert pngs == [f"{name}_ch{c}.png" for name in ("classifier_2", "features_1", "features_8") for c in (0, 1)]
+    assert (out / "patches" / "features_1_ch0.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "stats.pt").exists()
+
+
+def test_stats_command_with_arch_only(tmp_path):
+    out = tmp_path / "o"
+    assert main(["stats", "--arch", "small_cnn", "--data", "digits:8", "--layers", "features.3", "--num-images", "12",
+                 "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "stats.json").read_text())
+    assert "random weights" in summary["model"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "features.99"], "'features.99' is not a submodule of the model; valid names: features, features.0"),
+        (["--layers", ","], "--layers must name at least one layer"),
+        (["--layers", "features.1", "--topk", "0"], "topk must be >= 1, got 0"),
+        (["--layers", "features.1", "--quantile", "1.5"], "quantile must lie in (0, 1)"),
+        (["--layers", "features.1", "--histogram-range", "3"], "--histogram-range must be LO,HI"),
+        (["--layers", "features.1", "--histogram-range", "3,1"], "histogram_range must be finite with lo < hi"),
+        (["--layers", "features.1", "--num-images", "0"], "--num-images must be >= 1"),
+    ],
+)
+def test_user_errors_exit_2(model_file, tmp_path, args, message):
+    result = run_cli("stats", "--model", str(model_file), "--data", "digits:8", "--quiet", *args,
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_model_named_exits_2(tmp_path):
+    result = run_cli("stats", "--layers", "x", "--data", "digits:8")
+    assert result.returncode == 2 and "name a model" in result.stderr
+
+
+def test_help():
+    result = run_cli("stats", "--help")
+    assert result.returncode == 0 and "usage: pyadvk stats" in result.stdout
+
+
+def test_under_torchrun_matches_one_process(model_file, tmp_path):
+    """Two ranks (gloo) over an uneven split (19 + 18 images), merged on rank 0: the same JSON as
+    one process, batches of 1 so the model computes identical activations."""
+    args = ["stats", "--model", str(model_file), *ARGS, "--batch-size", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    one = run_cli(*args, "--out", str(tmp_path / "one"), env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+                          "-m", "pyadvk", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "stats.json").read_text())
+    b = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for name, la in a["layers"].items():
+        lb = b["layers"][name]
+        for key in ("count", "min", "max", "topk_values", "topk_indices", "topk_positions", "threshold", "histogram",
+                    "underflow", "overflow", "histogram_range"):
+            assert la[key] == lb[key], (name, key)
+        # moments: float32 block sums merged in float64, so the split changes the last digits
+        torch.testing.assert_close(torch.tensor(la["mean"]), torch.tensor(lb["mean"]), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(torch.tensor(la["std"]), torch.tensor(lb["std"]), rtol=1e-6, atol=1e-9)
