@@ -2,11 +2,11 @@
 (Welford/Chan moments from torch.var_mean, amin/amax, a bucketize + scatter_add histogram,
 torch.topk merges of the top-k and the quantile buffer), on streams of activations.
 
-Run: ``pytest benchmarks/bench_channel_stats.py --benchmark-json=out.json``, then
-``python benchmarks/summarize.py out.json``. Every row carries, in ``extra_info``, the effective
-bandwidth (the activations read once, float32) and its share of the copy bandwidth measured in
-the same run, and the size of the state (independent of the stream's length). The ``norm`` field
-(the column name summarize.py shares with bench_pgd_step.py) holds the quantile-buffer setting.
+Run: ``pyadvk bench --ops channel_stats`` (or ``pytest benchmarks/bench_channel_stats.py
+--benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). Every row carries
+the effective bandwidth (the activations read once, float32) and its share of the copy bandwidth
+measured in the same run, and the size of the state (independent of the stream's length). The
+``case`` field holds the quantile-buffer setting.
 The timed rounds are the first batches of a stream, when the top-k and quantile heaps still take
 many values; later in a pass fewer values beat the heaps' roots.
 """
@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, copy_bandwidth, median_seconds, sync
+from benchmarks.conftest import DEVICE, impls, record, run_benchmark, sizes
 from pyadvk.ops import channel_stats as cs
 
 # (N, C, *spatial): ResNet-18 layer3 at CIFAR size (batch 256), layer1, and a linear layer
@@ -80,8 +80,8 @@ def make_update(impl: str):
 
 
 @pytest.mark.parametrize("buffer", list(BUFFERS))
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", sizes(SIZES))
+@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_channel_stats(benchmark, size, impl, buffer):
     if impl != "unfused":
         why = cs.UPDATE.reason(impl, DEVICE.type)
@@ -97,19 +97,10 @@ def test_channel_stats(benchmark, size, impl, buffer):
         i = counter["i"]
         counter["i"] += 1
         update(state, inputs[i % len(inputs)], i * shape[0])
-        sync()
 
-    seconds = median_seconds(run, repeats=3, warmup=1)
-    rounds = int(min(50, max(3, 2.0 / max(seconds, 1e-6))))
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    times = run_benchmark(benchmark, run, min_rounds=3, max_rounds=50)
     numel = math.prod(shape)
-    median = benchmark.stats.stats.median
-    gbps = 4 * numel / median  # the activations, read once
-    copy = copy_bandwidth(numel)
     state_bytes = sum(t.numel() * t.element_size() for t in state.tensors())
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), size=size, shape=list(shape), norm=buffer, impl=impl, numel=numel,
-        gbps=gbps / 1e9, copy_gbps=copy / 1e9, pct_of_copy=100 * gbps / copy, state_mib=state_bytes / 2**20,
-        quantile_capacity=state.quantile_capacity,
-    )
+    record(benchmark, times, op="channel_stats_update", case=f"qbuf {buffer}", size=size, shape=shape,
+           impl=impl, bytes_moved=4 * numel, state_mib=state_bytes / 2**20,
+           quantile_capacity=state.quantile_capacity, note_state=f"{state_bytes / 2**20:.2f} MiB")

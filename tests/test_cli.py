@@ -66,7 +66,7 @@ def test_explain_command(trained, tmp_path):
 
 
 def test_help_for_every_command():
-    for command in ("info", "demo", "train", "ara", "explain"):
+    for command in ("info", "demo", "train", "ara", "explain", "stats", "bench"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: pyadvk" in result.stdout
 
@@ -80,6 +80,8 @@ def test_help_for_every_command():
         (["ara", "--model", "PICKLED", "--data", "digits:8"], "pass --trust-pickle"),
         (["ara", "--model", "BADOUT", "--data", "digits:8"], "the model must return (B, C) logits"),
         (["explain", "--model", "MODEL", "--image", "/nonexistent.png"], "image file '/nonexistent.png' does not exist"),
+        (["train", "--data", "digits:8", "--loss", "consistent", "--consistent-layers", "nope", "--epochs", "1"],
+         "--consistent-layers: no layer named nope in small_cnn; layers: features"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
@@ -92,3 +94,16 @@ def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists(), "a failed command wrote output"
+
+
+@pytest.mark.parametrize("loss, extra", [("robust", ["--activation", "half_huber", "--lipschitz-weight", "0.01"]),
+                                         ("consistent", ["--consistent-layers", "classifier.2"])])
+def test_train_with_paper_losses(loss, extra, tmp_path):
+    out = tmp_path / loss
+    code = main(["train", "--data", "digits:8", "--loss", loss, "--epochs", "1", "--batch-size", "256",
+                 "--attack-steps", "2", "--out", str(out), *extra])
+    assert code == 0
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert np.isfinite(history[0]["train_loss"])
+    if loss == "robust":  # the adaptive psi is part of the checkpoint
+        assert "loss" in torch.load(out / "checkpoint.pt", weights_only=True)

@@ -13,8 +13,9 @@ from pyadvk._io import save_json
 from pyadvk.cli import common
 
 
-def make_loss(args):
-    """The training loss named by --loss, with the budget arguments."""
+def make_loss(args, model=None, input_shape=None):
+    """The training loss named by --loss, with the budget arguments (``model`` and one sample's
+    ``input_shape`` are needed by --loss robust with --lipschitz-weight and --loss consistent)."""
     eps, steps = args.eps, args.attack_steps
     alpha = args.alpha or 2.5 * eps / steps
     if args.loss == "standard":
@@ -25,7 +26,31 @@ def make_loss(args):
         return functools.partial(train.fast_fgsm_loss, eps=eps)
     if args.loss == "halfhalf":
         return functools.partial(_half_half, eps=eps, alpha=alpha, steps=steps)
+    if args.loss == "robust":
+        return train.RobustLoss(eps=eps, alpha=alpha, steps=steps, zeta=args.zeta,
+                                lipschitz_weight=args.lipschitz_weight, model=model, input_shape=input_shape)
+    if args.loss == "consistent":
+        layers = _csv(args.consistent_layers) if args.consistent_layers else [_last_linear(model)]
+        names = dict(model.named_modules())
+        bad = [name for name in layers if name not in names]
+        if bad:
+            raise common.UserError(
+                f"--consistent-layers: no layer named {', '.join(bad)} in {args.arch}; layers: "
+                + ", ".join(n for n in names if n)
+            )
+        return train.consistent_adversarial_loss(eps, alpha, steps, layers=layers, lam=args.consistent_lam)
     raise common.UserError(f"--loss {args.loss!r} is not known")
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _last_linear(model) -> str:
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise common.UserError("--loss consistent: the model has no Linear layer; name layers with --consistent-layers")
+    return linears[-1]
 
 
 def _half_half(model, images, labels, *, eps, alpha, steps):
@@ -34,7 +59,7 @@ def _half_half(model, images, labels, *, eps, alpha, steps):
     return train.half_half_loss(model, images, labels, attack=PGD(model, eps=eps, alpha=alpha, steps=steps))
 
 
-LOSSES = ("standard", "pgd", "fast", "halfhalf")
+LOSSES = ("standard", "pgd", "fast", "halfhalf", "robust", "consistent")
 
 
 def run(args) -> int:
@@ -49,7 +74,8 @@ def run(args) -> int:
     common.check_model_on(model, loader, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = train.AdversarialTrainer(
-        model, optimizer, loader, loss_fn=make_loss(args), epochs=args.epochs, test_loader=test_loader,
+        model, optimizer, loader, loss_fn=make_loss(args, model, tuple(info.image_shape)), epochs=args.epochs,
+        test_loader=test_loader,
         device=device, checkpoint_dir=args.out, resume=not args.restart, amp=args.amp,
         channels_last=args.channels_last,
     )
@@ -77,7 +103,17 @@ def add_parser(sub) -> None:
     common.add_device_arg(p)
     p.add_argument("--arch", default="small_cnn", choices=sorted(models.ARCHITECTURES))
     p.add_argument("--activation", default="relu", choices=("relu", "half_huber"))
-    p.add_argument("--loss", default="pgd", choices=LOSSES, help="training loss (default pgd)")
+    p.add_argument("--loss", default="pgd", choices=LOSSES,
+                   help="training loss (default pgd): standard; pgd (Madry); fast (FGSM with random start); "
+                        "halfhalf (half of each batch PGD); robust (Woods et al. 2019: half-half PGD + "
+                        "input-gradient penalty with adaptive psi, best with --activation half_huber); "
+                        "consistent (Dong et al. 2017: PGD + feature-consistency term)")
+    p.add_argument("--zeta", type=float, default=0.2, help="--loss robust: margin probability of the penalty")
+    p.add_argument("--lipschitz-weight", type=float, default=0.0,
+                   help="--loss robust: weight of a Lipschitz (spectral-norm hinge) penalty (default 0: none)")
+    p.add_argument("--consistent-layers", default=None, metavar="NAMES",
+                   help="--loss consistent: comma-separated layer names (default: the last Linear layer)")
+    p.add_argument("--consistent-lam", type=float, default=1.0, help="--loss consistent: weight λ")
     p.add_argument("--eps", type=float, default=8 / 255, help="L∞ budget of the training attack")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5·eps/steps)")
     p.add_argument("--attack-steps", type=int, default=7, help="PGD steps of the training attack (default 7)")

@@ -9,7 +9,17 @@ from pyadvk.train.adversarial import (
     standard_loss,
 )
 from pyadvk.train.consistent import consistent_adversarial_loss, consistent_loss
+from pyadvk.train.robust import RobustLoss
 from pyadvk.train.trainer import AdversarialTrainer
 
-__all__ = ["AdversarialTrainer", "fast_fgsm_loss", "half_half", "half_half_loss", "pgd_adversarial_loss",
-           "standard_loss", "consistent_adversarial_loss", "consistent_loss"]
+__all__ = [
+    "AdversarialTrainer",
+    "RobustLoss",
+    "consistent_adversarial_loss",
+    "consistent_loss",
+    "fast_fgsm_loss",
+    "half_half",
+    "half_half_loss",
+    "pgd_adversarial_loss",
+    "standard_loss",
+]

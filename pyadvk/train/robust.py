@@ -1,0 +1,96 @@
+"""The robust additions of Woods et al. 2019 as one training loss.
+
+Per batch: a random half of the images is replaced by adversarial images (half-half training;
+PGD-``steps`` in the L∞ ball of ``eps`` by default), then
+
+    loss = CE(f(x), y) + ψ · mean |∂s/∂x|^p  (+ λ · LipschitzPenalty)
+
+with the input-gradient penalty of :func:`pyadvk.lipschitz.input_gradient_penalty` (one forward
+pass serves both terms; its gradient is taken with double backpropagation) and ψ from
+:class:`pyadvk.lipschitz.AdaptivePsi`, updated with the batch's cross-entropy. The network itself
+should use the half-Huber ReLU (``pyadvk.models.build(..., activation="half_huber")``): its second
+derivative is non-zero, which the penalty's gradient needs.
+
+In a torch.distributed process group the cross-entropy that updates ψ is averaged over the ranks
+first, and the Lipschitz penalty's power-iteration state is broadcast from rank 0, so ψ and the
+penalty are identical on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pyadvk import _checks, distributed
+from pyadvk.attacks import PGD
+from pyadvk.lipschitz import AdaptivePsi, LipschitzPenalty, input_gradient_penalty
+from pyadvk.train.adversarial import half_half
+
+
+class RobustLoss(nn.Module):
+    """``loss_fn(model, images, labels)`` for the robust additions; its state (ψ, the penalty's
+    power iterations) is in ``state_dict()``, so :class:`AdversarialTrainer` checkpoints it.
+
+    Args:
+        eps, alpha, steps: the L∞ PGD attack of the half-half batches (``steps=0``: no attack).
+        fraction: the share of each batch made adversarial (paper: 0.5).
+        zeta, p: the input-gradient penalty's margin probability and exponent (paper: 0.2, 2).
+        psi: the adaptive weight (default ``AdaptivePsi()`` with the paper's constants).
+        lipschitz_weight: weight λ of a :class:`LipschitzPenalty` on the spectral norms of
+            ``model``'s layers (0: none), for one input of ``input_shape`` (no batch dim);
+            ``lipschitz_kwargs`` go to its constructor (e.g. ``kind``, ``target``).
+    """
+
+    def __init__(
+        self,
+        *,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 7,
+        fraction: float = 0.5,
+        zeta: float = 0.2,
+        p: float = 2.0,
+        psi: AdaptivePsi | None = None,
+        lipschitz_weight: float = 0.0,
+        model: nn.Module | None = None,
+        input_shape: Sequence[int] | None = None,
+        lipschitz_kwargs: dict | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.eps, self.alpha = eps, alpha
+        self.steps = _checks.integer("steps", steps, low=0)
+        self.fraction, self.zeta, self.p = fraction, zeta, p
+        self.psi = psi if psi is not None else AdaptivePsi()
+        self.lipschitz_weight = _checks.real("lipschitz_weight", lipschitz_weight, low=0.0)
+        self.lipschitz: LipschitzPenalty | None = None
+        if self.lipschitz_weight > 0:
+            if model is None or input_shape is None:
+                raise ValueError("lipschitz_weight > 0 needs model= and input_shape= (one sample's shape)")
+            module = distributed.unwrap(model)
+            device = next(module.parameters()).device
+            self.lipschitz = LipschitzPenalty(module, input_shape, **(lipschitz_kwargs or {})).to(device)
+            if distributed.is_distributed():
+                for buf in self.lipschitz.buffers():
+                    torch.distributed.broadcast(buf, src=0)
+        self.generator = generator
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.steps and self.fraction > 0:
+            attack = PGD(distributed.unwrap(model), eps=self.eps, alpha=self.alpha, steps=self.steps)
+            images = half_half(images, labels, attack, fraction=self.fraction, generator=self.generator)
+        penalty, logits = input_gradient_penalty(model, images, labels, zeta=self.zeta, p=self.p,
+                                                 generator=self.generator, return_logits=True,
+                                                 check_values=False)
+        ce = nn.functional.cross_entropy(logits.float(), labels)
+        # psi is updated with the batch's loss before weighting the penalty (the paper's code);
+        # under DDP with the loss averaged over ranks, so every rank holds the same psi.
+        psi = self.psi.update(distributed.all_reduce_mean_(ce.detach().clone()))
+        loss = ce + psi * penalty
+        if self.lipschitz is not None:
+            loss = loss + self.lipschitz_weight * self.lipschitz()
+        self.last = {"ce": ce.detach(), "penalty": penalty.detach(), "psi": torch.tensor(psi)}
+        return loss
