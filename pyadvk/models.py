@@ -39,7 +39,14 @@ def activation_layer(activation: str) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """conv(32)-act-conv(32)-act-pool, conv(64)-act-conv(64)-act-pool, linear(128)-act-linear."""
+    """conv(32)-act-conv(32)-act-pool, conv(64)-act-conv(64)-act-pool, linear(128)-act-linear.
+
+    With ``activation="half_huber"`` the weights are initialized He-normal (zero biases): the
+    half-Huber ReLU squashes small inputs quadratically (x²/2δ below δ = 0.5), so under torch's
+    default (smaller) initialization the signal fades through this BatchNorm-free stack and the
+    network barely trains (measured on the digits: cross-entropy still 1.96 after 3 epochs,
+    against 0.08 with He init).
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 16,
                  width: int = 32, activation: str = "relu"):
@@ -57,6 +64,11 @@ class SmallCNN(nn.Module):
             nn.Flatten(), nn.Linear(2 * w * (input_size // 4) ** 2, 4 * w), activation_layer(activation),
             nn.Linear(4 * w, num_classes),
         )
+        if activation == "half_huber":
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

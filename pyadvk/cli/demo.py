@@ -152,7 +152,10 @@ def add_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.1, help="L∞ budget of training and evaluation attacks")
     p.add_argument("--train-steps", type=int, default=5, help="PGD steps of the training attacks")
     p.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the evaluation attack")
-    p.add_argument("--psi0", type=float, default=220.0, help="ψ0 of the adaptive penalty weight")
+    p.add_argument("--psi0", type=float, default=20.0,
+                   help="ψ0 of the adaptive penalty weight (default 20: the paper's 220 for 3×32×32 CIFAR "
+                        "images, scaled by the input size, 256/3072, since the penalty is a mean over "
+                        "input values)")
     p.add_argument("--ara-images", type=int, default=200, help="test images for ARA")
     p.add_argument("--ara-steps", type=int, default=200, help="steps of the minimal-perturbation attack")
     p.add_argument("--explain-images", type=int, default=3)
