@@ -36,3 +36,13 @@ def _restore_backend():
     before = pyadvk.get_backend()
     yield
     pyadvk.set_backend(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tests that run many tiny ops, which OpenMP fork/join slows down
+    a hundredfold on a shared, loaded machine. Restored after the test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

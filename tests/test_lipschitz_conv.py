@@ -15,14 +15,7 @@ from pyadvk.lipschitz import conv as conv_norms
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tests run many tiny ops, which OpenMP fork/join slows down
-    a hundredfold on a shared, loaded machine. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_matrix(conv: nn.Module, input_shape) -> torch.Tensor:

@@ -22,14 +22,7 @@ from pyadvk.nn import spectral_norm
 from tests.test_lipschitz_conv import true_norm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tests run many tiny ops, which OpenMP fork/join slows down
-    a hundredfold on a shared, loaded machine. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
