@@ -13,9 +13,14 @@ Rows per model (``impl``):
 - ``torchattacks`` / ``foolbox``: the peer libraries themselves when installed (``pip install
   -e .[peers]``); their adversarial images are checked against pyadvk's before any time is kept.
 
-All attacks start from the image (no random start) so the exact modes must agree. Labels are the
-model's own clean predictions, so clean accuracy is 100% and "robust accuracy" is the share of
-predictions the attack did not flip.
+All attacks start from the image (no random start) so the exact modes must agree. Agreement is
+checked before any time is kept: one step of each exact implementation must give pyadvk's image
+to fp32 rounding (max |Δ| ≤ 1e-5). After ten steps the images can part on some pixels (a 1-ulp
+difference in the projection changes the next gradient slightly, and sign() flips entries near
+zero, more so on an untrained network): the share of pixels that differ after ten steps and each
+implementation's robust accuracy are reported beside the time. Labels are the model's own clean
+predictions, so clean accuracy is 100% and "robust accuracy" is the share of predictions the
+attack did not flip.
 """
 
 from __future__ import annotations
@@ -38,8 +43,7 @@ SIZES = {  # name: (architecture, batch on GPU, batch on CPU, image size)
 }
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 ATTACK_IMPLS = ["floor", "torchattacks-reimpl", "pyadvk", "pyadvk-fast", "torchattacks", "foolbox"]
-AGREE_TOL = 1e-5  # a pixel "differs" above this; at most AGREE_FRACTION of the pixels may
-AGREE_FRACTION = 1e-3  # (sign flips where a gradient entry is ~0 and summation order differs)
+AGREE_TOL = 1e-5  # one step must agree to this (fp32 rounding); a pixel "differs" above it
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,41 +60,41 @@ def setup(size: str):
     return model, images, labels
 
 
-def peer_attack(name: str, model: nn.Module):
+def peer_attack(name: str, model: nn.Module, steps: int = STEPS):
     """The installed peer's PGD (no random start) as ``fn(images, labels)``, or None."""
     if name == "torchattacks":
         try:
             import torchattacks
         except ImportError:
             return None
-        atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=False)
+        atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=steps, random_start=False)
         return atk
     try:
         import foolbox
     except ImportError:
         return None
     fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
-    atk = foolbox.attacks.LinfPGD(abs_stepsize=ALPHA, steps=STEPS, random_start=False)
+    atk = foolbox.attacks.LinfPGD(abs_stepsize=ALPHA, steps=steps, random_start=False)
     return lambda x, y: atk(fmodel, x, y, epsilons=EPS)[1]
 
 
-def attack_fn(impl: str, model: nn.Module):
+def attack_fn(impl: str, model: nn.Module, steps: int = STEPS):
     if impl == "floor":
         def floor(x, y):
             loss_fn = nn.CrossEntropyLoss()
-            for _ in range(STEPS):
+            for _ in range(steps):
                 xg = x.detach().requires_grad_(True)
                 torch.autograd.grad(loss_fn(model(xg), y), xg)
             return x
         return floor
     if impl == "torchattacks-reimpl":
-        return functools.partial(baselines.torchattacks_pgd, model, eps=EPS, alpha=ALPHA, steps=STEPS)
+        return functools.partial(baselines.torchattacks_pgd, model, eps=EPS, alpha=ALPHA, steps=steps)
     if impl == "pyadvk":
-        return PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=False)
+        return PGD(model, eps=EPS, alpha=ALPHA, steps=steps, random_start=False)
     if impl == "pyadvk-fast":
-        return PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=False, channels_last=True,
+        return PGD(model, eps=EPS, alpha=ALPHA, steps=steps, random_start=False, channels_last=True,
                    autocast=torch.bfloat16, cuda_graph=GPU)
-    return peer_attack(impl, model)
+    return peer_attack(impl, model, steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,11 +126,15 @@ def test_pgd10(benchmark, size, impl):
     if impl != "floor":
         adv = fn(images, labels)
         if impl != "pyadvk-fast":
+            one = attack_fn(impl, model, steps=1)(images, labels)
+            ours = PGD(model, eps=EPS, alpha=ALPHA, steps=1, random_start=False)(images, labels)
+            gap = (one.float() - ours).abs().max().item()
+            if gap > AGREE_TOL:
+                pytest.fail(f"one step of {impl} differs from pyadvk's by {gap:.2e} (> {AGREE_TOL}): "
+                            "not timing different work")
             diff = disagreement(adv, exact_adversarial(size))
-            extra["disagreement_vs_pyadvk"] = diff
-            if diff > AGREE_FRACTION:
-                pytest.fail(f"{impl}'s adversarial images differ from pyadvk's on {100 * diff:.3f}% of "
-                            f"the pixels (> {100 * AGREE_FRACTION}%): not timing different work")
+            extra.update(one_step_max_diff=gap, disagreement_vs_pyadvk=diff,
+                         note_pixels_differing_after_10_steps=f"{100 * diff:.2f}%")
         extra["robust_acc"] = robust_accuracy(model, adv, labels)
     times = run_benchmark(benchmark, lambda: fn(images, labels), max_seconds=5.0, min_rounds=3)
     batch = images.shape[0]

@@ -127,3 +127,27 @@ def test_under_torchrun_matches_one_process(model_file, tmp_path):
         # moments: float32 block sums merged in float64, so the split changes the last digits
         torch.testing.assert_close(torch.tensor(la["mean"]), torch.tensor(lb["mean"]), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(torch.tensor(la["std"]), torch.tensor(lb["std"]), rtol=1e-6, atol=1e-9)
+
+
+def test_consistency_report(model_file, tmp_path, capsys):
+    """--consistency EPS adds the paper-2 report, equal to pyadvk.stats.consistency on the same
+    images and their PGD-10 images."""
+    from torch.utils.data import DataLoader, Subset
+
+    from pyadvk.attacks import PGD
+    from pyadvk.stats import consistency
+
+    out = tmp_path / "c"
+    assert main(["stats", "--model", str(model_file), *ARGS, "--consistency", "0.1", "--out", str(out)]) == 0
+    report = json.loads((out / "stats.json").read_text())["consistency"]
+    assert report["eps"] == 0.1 and set(report["layers"]) == {"features.1", "features.8", "classifier.2"}
+    model = models.load_model(model_file)
+    real = DataLoader(Subset(digits(8, "test"), range(37)), batch_size=10)
+    attack = PGD(model, eps=0.1, alpha=0.025, steps=10, random_start=False)
+    adv = [(attack(x, y), y) for x, y in real]
+    expected = consistency(model, "features.8", real, adv, topk=4).summary()
+    got = report["layers"]["features.8"]
+    for key in ("consistency_real", "consistency_adv", "adversarial_fraction", "representation_consistency"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert "neuron consistency real" in capsys.readouterr().out
+    assert main(["stats", "--model", str(model_file), *ARGS, "--consistency", "0", "--out", str(tmp_path / "z")]) == 2

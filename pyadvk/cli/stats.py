@@ -60,8 +60,30 @@ def _calibrated_ranges(model, dataset, layers, batch, device) -> dict[str, tuple
     return ranges
 
 
+def _consistency_report(args, model, dataset, total, layers, device) -> dict:
+    """Neuron consistency (Dong et al. 2017) of every layer on the images and their PGD-10 L∞
+    adversarial images (eps = --consistency), on rank 0 over the whole selection."""
+    from pyadvk.attacks import PGD
+    from pyadvk.stats import consistency
+
+    eps = args.consistency
+    real_loader = DataLoader(Subset(dataset, range(total)), batch_size=args.batch_size)
+    attack = PGD(distributed.unwrap(model), eps=eps, alpha=2.5 * eps / 10, steps=10, random_start=False)
+    adv_batches = [(attack(x.to(device), y.to(device)).cpu(), y) for x, y in real_loader]
+    report = {"eps": eps, "attack": "PGD-10 L-inf, no random start", "layers": {}}
+    for name in layers:
+        result = consistency(model, name, real_loader, adv_batches, topk=min(args.topk, total))
+        report["layers"][name] = result.summary()
+        common.say(f"{name}: neuron consistency real {report['layers'][name]['consistency_real']:.3f}, "
+                   f"adversarial {report['layers'][name]['consistency_adv']:.3f}, representation "
+                   f"{report['layers'][name]['representation_consistency']:.3f}")
+    return report
+
+
 def run(args) -> int:
     device = common.device_from(args)
+    if args.consistency is not None and not args.consistency > 0:
+        raise common.UserError(f"--consistency must be an L-inf budget > 0, got {args.consistency}")
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     if not layers:
         raise common.UserError("--layers must name at least one layer (comma-separated)")
@@ -92,6 +114,8 @@ def run(args) -> int:
                        split=args.split, world_size=distributed.world_size())
         from pyadvk._io import save_json
 
+        if args.consistency is not None:
+            summary["consistency"] = _consistency_report(args, model, dataset, total, layers, device)
         save_json(summary, os.path.join(args.out, "stats.json"))
         stats.save(os.path.join(args.out, "stats.pt"))
         written = ["stats.json", "stats.pt"]
@@ -135,6 +159,10 @@ def add_parser(sub) -> None:
     p.add_argument("--patches", type=int, default=0, metavar="K", help="write top-patch PNGs of the first K channels")
     p.add_argument("--receptive-field", type=int, default=None, metavar="PIXELS",
                    help="patch size in pixels (default: whole images)")
+    p.add_argument("--consistency", type=float, default=None, metavar="EPS",
+                   help="also write the neuron-consistency report of Dong et al. 2017 on the images and "
+                        "their PGD-10 L-inf adversarial images of budget EPS (real vs adversarial top-K "
+                        "label consistency, adversarial share of the top-K, representation consistency)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, metavar="DIR", help="write stats.json, stats.pt and patches here")
     p.set_defaults(run=run)
