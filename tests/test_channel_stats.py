@@ -41,10 +41,7 @@ def assert_states_equal(got: cs.ChannelStats, want: cs.ChannelStats, what=""):
         a, b = getattr(got, f), getattr(want, f)
         assert torch.equal(a, b), f"{what}: {f} differs\n got {a}\nwant {b}"
     scale = want.m2.abs() + 1.0
-    # The cpp body sums blocks of up to 4096 values in float32 before its float64 merge; its
-    # baseline-ISA copy lands up to ~1e-5 relative from the float64 reference (known gap: the
-    # blocks should accumulate in float64; see the closing note of 2026-11-30).
-    torch.testing.assert_close(got.mean, want.mean, rtol=1e-5, atol=1e-5, msg=f"{what}: mean")
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-6, atol=1e-6, msg=f"{what}: mean")
     assert bool(((got.m2 - want.m2).abs() <= 1e-5 * scale).all()), f"{what}: m2 {got.m2} vs {want.m2}"
 
 
