@@ -37,24 +37,33 @@ def device_from(args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="FILE",
+def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) -> None:
+    """--model/--arch/--num-classes/--in-channels/--trust-pickle. With ``random_weights`` the
+    model file is optional: --arch alone builds that architecture with random weights."""
+    p.add_argument("--model", required=not random_weights, default=None, metavar="FILE",
                    help="TorchScript archive, pyadvk model file (pyadvk train), or state dict with --arch")
     p.add_argument("--arch", default=None, choices=sorted(models.ARCHITECTURES),
-                   help="architecture of a bare state dict")
+                   help="architecture of a bare state dict"
+                        + (", or alone: that architecture with random weights" if random_weights else ""))
     p.add_argument("--num-classes", type=int, default=None, help="classes of --arch (default: the data's)")
     p.add_argument("--in-channels", type=int, default=None, help="input channels of --arch (default: the data's)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow model files that hold pickled code (runs code from the file: only if you trust it)")
 
 
+def arch_kwargs(arch: str, info: data_mod.DataInfo | None, num_classes: int | None = None,
+                in_channels: int | None = None) -> dict:
+    """The constructor arguments of ``arch`` for the data described by ``info`` (explicit
+    ``num_classes``/``in_channels`` win; without ``info``: 10 classes, 3 channels)."""
+    kwargs = {"num_classes": num_classes or (info.num_classes if info else 10),
+              "in_channels": in_channels or (info.image_shape[0] if info else 3)}
+    if arch == "small_cnn" and info:
+        kwargs["input_size"] = info.image_shape[-1]
+    return kwargs
+
+
 def load_model(args, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
-    kwargs = {}
-    if args.arch:
-        kwargs["num_classes"] = args.num_classes or (info.num_classes if info else 10)
-        kwargs["in_channels"] = args.in_channels or (info.image_shape[0] if info else 3)
-        if args.arch == "small_cnn" and info:
-            kwargs["input_size"] = info.image_shape[-1]
+    kwargs = arch_kwargs(args.arch, info, args.num_classes, args.in_channels) if args.arch else {}
     return models.load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                              map_location=device, **kwargs)
 

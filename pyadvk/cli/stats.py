@@ -19,10 +19,8 @@ def _model(args, device, info):
         return common.load_model(args, device, info)
     if not args.arch:
         raise common.UserError("name a model: --model FILE (optionally with --arch) or --arch NAME (random weights)")
-    kwargs = {"num_classes": args.num_classes or info.num_classes, "in_channels": args.in_channels or info.image_shape[0]}
-    if args.arch == "small_cnn":
-        kwargs["input_size"] = info.image_shape[-1]
     torch.manual_seed(args.seed)
+    kwargs = common.arch_kwargs(args.arch, info, args.num_classes, args.in_channels)
     return models.build(args.arch, **kwargs).to(device).eval()
 
 
@@ -138,14 +136,7 @@ def add_parser(sub) -> None:
                                    "OUT/patches/<layer>_ch<c>.png for the first K channels. Runs unchanged under "
                                    "torchrun --nproc_per_node=N (images split over ranks, merged exactly, rank 0 "
                                    "writes).")
-    p.add_argument("--model", default=None, metavar="FILE",
-                   help="TorchScript archive, pyadvk model file (pyadvk train), or state dict with --arch")
-    p.add_argument("--arch", default=None, choices=sorted(models.ARCHITECTURES),
-                   help="architecture of a bare state dict, or alone: that architecture with random weights")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of --arch (default: the data's)")
-    p.add_argument("--in-channels", type=int, default=None, help="input channels of --arch (default: the data's)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow model files that hold pickled code (runs code from the file: only if you trust it)")
+    common.add_model_args(p, random_weights=True)
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--arch without --model)")
     common.add_data_args(p, default="digits")
     common.add_device_arg(p)

@@ -66,9 +66,7 @@ def run(args) -> int:
     device = common.device_from(args)
     loader, info = common.load_data(args, split="train", shuffle=True)
     test_loader, _ = common.load_data(args, split="test")
-    kwargs = {"num_classes": info.num_classes, "in_channels": info.image_shape[0], "activation": args.activation}
-    if args.arch == "small_cnn":
-        kwargs["input_size"] = info.image_shape[-1]
+    kwargs = {**common.arch_kwargs(args.arch, info), "activation": args.activation}
     torch.manual_seed(args.seed)
     model = models.build(args.arch, **kwargs).to(device)
     common.check_model_on(model, loader, device)
