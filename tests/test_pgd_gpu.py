@@ -122,7 +122,7 @@ def test_fast_mode_robust_accuracy_close_to_fp32():
     from pyadvk import models
 
     model = models.resnet18().cuda().eval()
-    images = torch.rand(256, 3, 32, 32, device="cuda")
+    images = torch.rand(512, 3, 32, 32, device="cuda")
     with torch.no_grad():
         labels = model(images).argmax(1)
     exact = PGD(model, steps=10, random_start=False)(images, labels)
@@ -134,4 +134,4 @@ def test_fast_mode_robust_accuracy_close_to_fp32():
     with torch.no_grad():
         acc_exact = (model(exact).argmax(1) == labels).float().mean().item()
         acc_fast = (model(fast).argmax(1) == labels).float().mean().item()
-    assert abs(acc_exact - acc_fast) <= 0.02
+    assert abs(acc_exact - acc_fast) <= 0.005  # issue 6: within 0.5 points of the fp32 result
