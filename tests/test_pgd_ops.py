@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pyadvk.ops import pgd as pgd_ops
 from pyadvk.ops import pgd_step, pgd_step_, random_init
 from tests.conftest import available
-from tests.utils import assert_matches_reference
+from tests.utils import ISA_ORDER, assert_matches_reference, run_on_cpu_isa
 
 CPU_BACKENDS = [b for b in available(pgd_ops.STEP, "cpu") if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -81,6 +81,34 @@ def test_step_matches_reference(backend, **case):
     returned = pgd_step_(inplace, x_orig, grad, backend=backend, **kw)
     assert returned is inplace
     assert_matches_reference(inplace, ref, what=f"{backend} pgd_step_")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_l2_schedules(two_threads, dtype):
+    """The cpp l2 step runs sample at a time when a sample fits its cache budget (2 MiB of inputs)
+    and there are at least as many samples as threads, and in two phases over tiles otherwise.
+    Both give the same bits (same summation order) and both match the reference."""
+    (x_adv, x_orig, grad), kw = _step_args((4, 3, 40, 40), dtype, "l2", 0.5, 0.3, True, False,
+                                           (0.0, 1.0), True, False, seed=11)
+    batched = pgd_step(x_adv, x_orig, grad, backend="cpp", **kw)  # 4 samples, 2 threads: per sample
+    for b in range(4):  # a batch of 1 on 2 threads: two phases
+        one = pgd_step(x_adv[b:b + 1], x_orig[b:b + 1], grad[b:b + 1], backend="cpp",
+                       **{**kw, "eps": kw["eps"][b:b + 1]})
+        assert torch.equal(one, batched[b:b + 1])
+    # Samples over the budget in float32 (2.2 MB), under it in 16 bits (1.1 MB).
+    (x_adv, x_orig, grad), kw = _step_args((3, 183000), dtype, "l2", 2.0, 0.5, False, True,
+                                           (0.0, 1.0), False, True, seed=12)
+    ref = pgd_step(x_adv, x_orig, grad, backend="torch", **kw)
+    assert_matches_reference(pgd_step(x_adv, x_orig, grad, backend="cpp", **kw), ref, what="cpp l2")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -230,30 +258,8 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-ISA_ORDER = ["default", "avx2", "avx512"]
-
-
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
-    """The cpp hot loops are compiled once per instruction set; run the reference tests on each
-    copy this CPU supports (PYADVK_CPU_ISA selects it in a fresh process)."""
-    import os
-    import subprocess
-    import sys
-
-    from pyadvk import _extension
-
-    best = _extension.load().cpu_isa()
-    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
-        pytest.skip(f"this CPU supports at most {best}")
-    env = {**os.environ, "PYADVK_CPU_ISA": isa}
-    code = "import pyadvk; print(pyadvk._extension.load().cpu_isa())"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == isa
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "cpp and (matches_reference or layouts or nan_and_zero or semantics)"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-4000:]
+    """The reference tests on each copy of the cpp loops this CPU supports."""
+    run_on_cpu_isa(isa, __file__, "cpp and (matches_reference or layouts or nan_and_zero or semantics or schedules)")
