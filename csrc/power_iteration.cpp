@@ -12,26 +12,25 @@ PYADVK_CPU_KERNEL(power_iteration, PowerIterArgs)
 
 namespace {
 
-// Columns per task of v = Wᵀu, weights per task of t = W v.
+// Columns per task: at most 512, and at most 512 KiB of W, so that a task's block is still in the
+// core's L2 (1-2 MiB) when it is read the second time, for W v (power_iteration_kernels.inc).
 constexpr int64_t kColBlock = 512;
-constexpr int64_t kRowElems = 32768;
+constexpr int64_t kColBlockBytes = 512 * 1024;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> power_iteration_cpu(
     at::TensorList weights, at::TensorList us, int64_t n_iters) {
   check_power_iteration("power_iteration", at::kCPU, weights, us, n_iters);
-  auto plan = plan_power_iteration(weights, us, kColBlock, kRowElems, INT64_MAX);
+  // (Row tasks are not used by the CPU kernels: one row task per matrix keeps the table short.)
+  auto plan = plan_power_iteration(weights, us, kColBlock, INT64_MAX, INT64_MAX, kColBlockBytes);
   const auto opts = weights[0].options();
-  auto t = at::empty({std::max<int64_t>(plan.t_total, 1)}, opts.dtype(at::kFloat));
-  auto partial = at::empty({std::max<int64_t>(std::max(plan.n_col_tasks, plan.n_row_tasks), 1)},
-                           opts.dtype(at::kDouble));
+  auto t_part = at::empty({std::max<int64_t>(plan.t_part_total, 1)}, opts.dtype(at::kFloat));
+  auto partial = at::empty({std::max<int64_t>(plan.n_col_tasks, 1)}, opts.dtype(at::kDouble));
   PowerIterArgs args{weights[0].scalar_type(),
                      static_cast<int64_t>(weights.size()),
                      plan.meta.data_ptr<int64_t>(),
                      plan.n_col_tasks,
                      plan.col_tasks.data_ptr<int64_t>(),
-                     plan.n_row_tasks,
-                     plan.row_tasks.data_ptr<int64_t>(),
-                     t.data_ptr<float>(),
+                     t_part.data_ptr<float>(),
                      partial.data_ptr<double>(),
                      plan.sigma.data_ptr<float>(),
                      n_iters};

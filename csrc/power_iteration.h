@@ -4,8 +4,9 @@
 // matrices of different shapes at once. The host code describes them with a table (one row of
 // kMetaFields int64 per matrix: data pointers of W, u and v, the shape, the offset of its rows in
 // the packed workspace t, and its ranges in the two task lists) and splits the work into tasks
-// (matrix, begin, end): column blocks for v = Wᵀu, row blocks for t = W v. Each task writes the
-// partial sum of squares of what it produced, so the norms need no atomics and no second pass.
+// (matrix, begin, end): column blocks for v = Wᵀu, row blocks for t = W v (CUDA; the CPU body
+// computes each column block's share of W v in the same task, see cpu/power_iteration_kernels.inc).
+// Each task writes the partial sum of squares of what it produced, so the norms need no atomics.
 #pragma once
 
 #include "common.h"
@@ -27,7 +28,8 @@ enum PowerIterMeta : int64_t {
   kMetaColTask1 = 7,  // one past its last column task
   kMetaRowTask0 = 8,
   kMetaRowTask1 = 9,
-  kMetaFields = 10,
+  kMetaTPart = 10,    // CPU: offset of this matrix's per-column-task partial W v (m per task)
+  kMetaFields = 11,
 };
 
 // Arguments of the CPU kernels (csrc/cpu/power_iteration_kernels.inc).
@@ -37,10 +39,8 @@ struct PowerIterArgs {
   const int64_t* meta;       // N × kMetaFields
   int64_t n_col_tasks;
   const int64_t* col_tasks;  // n_col_tasks × 3: (matrix, first column, one past last column)
-  int64_t n_row_tasks;
-  const int64_t* row_tasks;  // n_row_tasks × 3: (matrix, first row, one past last row)
-  float* t;                  // packed W v of every matrix (sum of m)
-  double* partial;           // max(n_col_tasks, n_row_tasks) partial sums of squares
+  float* t_part;             // per column task, its columns' share of W v (m floats per task)
+  double* partial;           // n_col_tasks partial sums of squares
   float* sigma;              // N
   int64_t n_iters;
 };
@@ -74,13 +74,14 @@ struct PowerIterPlan {
   at::Tensor sigma;
   std::vector<at::Tensor> us, vs;
   at::Tensor meta, col_tasks, row_tasks;  // int64, CPU
-  int64_t n_col_tasks = 0, n_row_tasks = 0, t_total = 0;
+  int64_t n_col_tasks = 0, n_row_tasks = 0, t_total = 0, t_part_total = 0;
 };
 
-// Column tasks cover at most `col_block` columns; row tasks cover about `row_elems` weights
-// (at least one row, at most `max_rows` rows).
+// Column tasks cover at most `col_block` columns, and when `col_block_bytes` > 0 at most that many
+// bytes of W (m rows × columns, at least 16 columns); row tasks cover about `row_elems` weights (at
+// least one row, at most `max_rows` rows).
 inline PowerIterPlan plan_power_iteration(at::TensorList weights, at::TensorList us, int64_t col_block,
-                                          int64_t row_elems, int64_t max_rows) {
+                                          int64_t row_elems, int64_t max_rows, int64_t col_block_bytes = 0) {
   PowerIterPlan p;
   const int64_t N = static_cast<int64_t>(weights.size());
   const auto opts = weights[0].options();
@@ -99,9 +100,16 @@ inline PowerIterPlan plan_power_iteration(at::TensorList weights, at::TensorList
     r[kMetaCols] = n;
     r[kMetaT] = p.t_total;
     p.t_total += m;
+    int64_t width = col_block;
+    if (col_block_bytes > 0) {
+      const int64_t fit = col_block_bytes / std::max<int64_t>(1, m * static_cast<int64_t>(w.element_size()));
+      width = std::min(col_block, std::max<int64_t>(16, fit / 16 * 16));
+    }
     r[kMetaColTask0] = static_cast<int64_t>(col.size() / 3);
-    for (int64_t c = 0; c < n; c += col_block) col.insert(col.end(), {i, c, std::min(n, c + col_block)});
+    for (int64_t c = 0; c < n; c += width) col.insert(col.end(), {i, c, std::min(n, c + width)});
     r[kMetaColTask1] = static_cast<int64_t>(col.size() / 3);
+    r[kMetaTPart] = p.t_part_total;
+    p.t_part_total += m * (r[kMetaColTask1] - r[kMetaColTask0]);
     const int64_t rows_per = std::max<int64_t>(1, std::min(max_rows, row_elems / std::max<int64_t>(n, 1)));
     r[kMetaRowTask0] = static_cast<int64_t>(row.size() / 3);
     for (int64_t s = 0; s < m; s += rows_per) row.insert(row.end(), {i, s, std::min(m, s + rows_per)});
