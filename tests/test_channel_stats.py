@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pyadvk.ops import channel_stats as cs
 from tests.conftest import available
+from tests.utils import ISA_ORDER, run_on_cpu_isa
 
 BODIES = available(cs.UPDATE, "cpu")
 FAST = [b for b in BODIES if b != "triton"]
@@ -300,29 +301,10 @@ def test_quantile_outside_open_interval(q):
         cs.quantile_threshold(make_state(2), q)
 
 
-ISA_ORDER = ["default", "avx2", "avx512"]
-
-
 @pytest.mark.skipif("cpp" not in BODIES, reason="the C++ extension is not built")
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
-    """The cpp hot loops are compiled once per instruction set: run the reference comparisons on
-    each copy this CPU supports (PYADVK_CPU_ISA selects it in a fresh process), on one thread
+    """The reference comparisons on each copy of the cpp loops this CPU supports, on one thread
     (one sample group per channel) and on two (several groups per channel, merged)."""
-    import os
-    import subprocess
-    import sys
-
-    from pyadvk import _extension
-
-    best = _extension.load().cpu_isa()
-    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
-        pytest.skip(f"this CPU supports at most {best}")
-    for threads in ("1", "2"):
-        env = {**os.environ, "PYADVK_CPU_ISA": isa, "OMP_NUM_THREADS": threads}
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-             "-k", "cpp and (matches_reference or channels_last or streaming or hypothesis)"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert out.returncode == 0, out.stdout[-4000:]
+    run_on_cpu_isa(isa, __file__, "cpp and (matches_reference or channels_last or streaming or hypothesis)",
+                   threads=(1, 2))

@@ -16,7 +16,7 @@ from pyadvk.nn import HalfHuberReLU
 from pyadvk.nn.functional import half_huber_relu
 from pyadvk.ops import half_huber as hh
 from tests.conftest import available
-from tests.utils import assert_matches_reference
+from tests.utils import ISA_ORDER, assert_matches_reference, run_on_cpu_isa
 
 BODIES = available(hh.HALF_HUBER, "cpu")  # torch, cpp (when built), triton (interpreted)
 FUSED = [b for b in BODIES if b != "torch"]
@@ -355,27 +355,8 @@ def test_compiled_op_argument_checks():
         ops.half_huber_relu_double_backward(x[:1], x, x, 0.5)
 
 
-ISA_ORDER = ["default", "avx2", "avx512"]
-
-
 @pytest.mark.skipif("cpp" not in BODIES, reason="the C++ extension is not built")
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
-    """The cpp loops are compiled once per instruction set: run the reference tests on each copy
-    this CPU supports (PYADVK_CPU_ISA selects it in a fresh process)."""
-    import os
-    import subprocess
-    import sys
-
-    from pyadvk import _extension
-
-    best = _extension.load().cpu_isa()
-    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
-        pytest.skip(f"this CPU supports at most {best}")
-    env = {**os.environ, "PYADVK_CPU_ISA": isa}
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "cpp and (ops_match_reference or breakpoints or channels_last)"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-4000:]
+    """The reference tests on each copy of the cpp loops this CPU supports."""
+    run_on_cpu_isa(isa, __file__, "cpp and (ops_match_reference or breakpoints or channels_last)")

@@ -11,13 +11,16 @@ from hypothesis import strategies as st
 from pyadvk.ops import power_iteration
 from pyadvk.ops.power_iteration import POWER_ITERATION, power_iteration_reference
 from tests.conftest import available
+from tests.utils import ISA_ORDER, run_on_cpu_isa
 
 CPU_BACKENDS = [b for b in available(POWER_ITERATION, "cpu") if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Shapes no block size divides, rows and columns, a conv kernel (4-D), tall and wide.
+# Shapes no block size divides, rows and columns, a conv kernel (4-D), tall and wide; (1100, 150)
+# gets two column tasks on the cpp body in float32 (a task holds at most 512 KiB of W) and one in
+# 16 bits.
 SHAPES = [(1, 7), (7, 1), (1, 1), (3, 5), (17, 33), (65, 513), (10, 64), (8, 3, 3, 3), (513, 17),
-          (6, 2, 5)]
+          (6, 2, 5), (1100, 150)]
 
 
 def make_case(shapes, dtype, seed, zero=()):
@@ -168,3 +171,22 @@ def test_bad_input():
         power_iteration([w, w.half()], [u, u])
     with pytest.raises(TypeError, match=r"weights\[0\] must be float32, float16 or bfloat16"):
         power_iteration([w.double()], [u])
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_many_column_tasks(dtype):
+    """Tall matrices split into many narrow column tasks (at most 512 KiB of W each: 48 columns of
+    a 2100-row float32 matrix, 112 in 16 bits), whose shares of W v are summed per matrix, next to
+    a matrix with u = 0 on most rows (skipped rows) and a zero matrix."""
+    ws, us = make_case([(2100, 300), (40, 900), (300, 70)], dtype, seed=5, zero=(2,))
+    us[1][5:] = 0.0
+    ref = power_iteration(ws, us, 3, backend="torch")
+    assert_close_sigma(power_iteration(ws, us, 3, backend="cpp"), ref, f"cpp {dtype}")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("isa", ISA_ORDER)
+def test_every_cpu_instruction_set(isa):
+    """The reference tests on each copy of the cpp loops this CPU supports."""
+    run_on_cpu_isa(isa, __file__, "cpp and (matches_reference or many_column_tasks or rank_one or zero_matrix)")

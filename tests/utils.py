@@ -34,3 +34,37 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, *, what: str 
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} values off (max |diff| {diff.max().item():.3g})\n{rows}"
         )
+
+
+ISA_ORDER = ["default", "avx2", "avx512"]
+
+
+def run_on_cpu_isa(isa: str, test_file: str, selection: str, *, threads=(None,)) -> None:
+    """Runs the tests of ``test_file`` matching ``-k selection`` in a fresh process on the cpp
+    hot loops compiled for ``isa`` (PYADVK_CPU_ISA; each loop is compiled once per instruction
+    set), once per entry of ``threads`` (OMP_NUM_THREADS; None leaves it). Skips when this CPU
+    does not support ``isa``."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from pyadvk import _extension
+
+    best = _extension.load().cpu_isa()
+    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
+        pytest.skip(f"this CPU supports at most {best}")
+    for n in threads:
+        env = {**os.environ, "PYADVK_CPU_ISA": isa}
+        if n is not None:
+            env["OMP_NUM_THREADS"] = str(n)
+        code = "import pyadvk; print(pyadvk._extension.load().cpu_isa())"
+        assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip() == isa
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert out.returncode == 0, out.stdout[-4000:]
+        assert " passed" in out.stdout, out.stdout[-4000:]
