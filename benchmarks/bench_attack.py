@@ -113,8 +113,8 @@ def robust_accuracy(model, adv, labels) -> float:
         return (model(adv).argmax(1) == labels).float().mean().item()
 
 
-@pytest.mark.parametrize("size", sizes(SIZES))
 @pytest.mark.parametrize("impl", impls(ATTACK_IMPLS))
+@pytest.mark.parametrize("size", sizes(SIZES))
 def test_pgd10(benchmark, size, impl):
     model, images, labels = setup(size)
     if impl == "pyadvk-fast":
@@ -142,8 +142,8 @@ def test_pgd10(benchmark, size, impl):
            images_per_s=batch / sorted(times)[len(times) // 2], batch=batch, **extra)
 
 
-@pytest.mark.parametrize("size", [s for s in sizes(SIZES) if s == "cifar-resnet18"])
 @pytest.mark.parametrize("impl", impls(["torchattacks-reimpl", "pyadvk"]))
+@pytest.mark.parametrize("size", [s for s in sizes(SIZES) if s == "cifar-resnet18"])
 def test_adversarial_training_step(benchmark, size, impl):
     """One Madry step: PGD-10 on the batch (model in eval mode for the attack, input gradients
     only), then cross-entropy on the adversarial batch, backward and an SGD step."""

@@ -79,9 +79,9 @@ def make_update(impl: str):
     return lambda st, x, offset: cs.channel_stats_update(st, x, offset, backend=impl)
 
 
+@pytest.mark.parametrize("impl", impls(IMPLS))
 @pytest.mark.parametrize("buffer", list(BUFFERS))
 @pytest.mark.parametrize("size", sizes(SIZES))
-@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_channel_stats(benchmark, size, impl, buffer):
     if impl != "unfused":
         why = cs.UPDATE.reason(impl, DEVICE.type)

@@ -79,8 +79,8 @@ def peak_bytes(step) -> int | None:
     return torch.cuda.max_memory_allocated(DEVICE) - base
 
 
-@pytest.mark.parametrize("size", sizes(SIZES))
 @pytest.mark.parametrize("impl", impls(IMPLS))
+@pytest.mark.parametrize("size", sizes(SIZES))
 def test_half_huber_fwd_bwd(benchmark, size, impl):
     if impl not in ("composite", "compile"):
         why = hh.HALF_HUBER.reason(impl, DEVICE.type)

@@ -58,9 +58,9 @@ def make_step(impl: str, norm: str):
     return lambda xa, xo, g: pgd_ops.pgd_step_(xa, xo, g, eps=eps, alpha=alpha, norm=norm, backend=impl)
 
 
+@pytest.mark.parametrize("impl", impls(IMPLS))
 @pytest.mark.parametrize("size", sizes(SIZES))
 @pytest.mark.parametrize("norm", pgd_ops.NORMS)
-@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_pgd_step(benchmark, size, norm, impl):
     if impl not in ("unfused", "compile"):
         why = pgd_ops.STEP.reason(impl, DEVICE.type)

@@ -36,9 +36,9 @@ def unfused_init(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return torch.clamp(x + delta, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("impl", impls(IMPLS))
 @pytest.mark.parametrize("size", sizes(SIZES))
 @pytest.mark.parametrize("norm", pgd_ops.NORMS)
-@pytest.mark.parametrize("impl", impls(IMPLS))
 def test_random_init(benchmark, size, norm, impl):
     if impl != "unfused":
         why = pgd_ops.RANDOM_INIT.reason(impl, DEVICE.type)
