@@ -115,6 +115,24 @@ def test_streaming_equals_one_pass(body):
     assert streamed.samples == 9
 
 
+@pytest.mark.parametrize("body", FAST)
+@pytest.mark.parametrize("m", [1, 25, 400])
+def test_streaming_quantile_buffer_many_batches(body, m):
+    """The quantile buffer over a long stream: it fills within the first batches (m = 1, 25) or
+    never (m = 400 > 360 values); later batches bring candidates that beat its worst value, ties
+    with it, extremes and NaNs. Every split equals one pass of the torch reference."""
+    x = activations((30, 3, 3, 4), seed=21, ties=True, nan=0.1)
+    x[3, 0, 0, :2] = 50.0
+    x[8, 1, 1, 1] = -50.0
+    x[20, 2] = -50.0
+    x[25, 0] = 9.0  # late values that must enter a full buffer
+    want = run_batches("torch", make_state(3, topk=4, m=m), [x])
+    sizes = [1, 2, 3, 5, 1, 7, 11]
+    batches = list(torch.split(x, sizes))
+    got = run_batches(body, make_state(3, topk=4, m=m), batches)
+    assert_states_equal(got, want, f"{body} m={m}")
+
+
 @pytest.mark.parametrize("body", BODIES)
 def test_fewer_values_than_k_and_all_nan_channel(body):
     x = torch.tensor([[1.0, math.nan], [2.0, math.nan]])
