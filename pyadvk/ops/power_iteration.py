@@ -22,10 +22,13 @@ two dims as ``(shape[0], prod(shape[1:]))`` (the reshaped-kernel matrix of
 ``torch.nn.utils.spectral_norm``; the true operator norm of a convolution is in
 :func:`pyadvk.lipschitz.conv_operator_norm`).
 
-Every body runs the same four phases per iteration on all matrices at once: ``Wᵀu`` (work split
-over column blocks of every matrix, with per-block partial sums of squares), normalize ``v``,
-``W v`` (row blocks, partial sums), normalize ``u``. ``power_iteration_reference`` below defines
-the op; the cpp, cuda and triton bodies are tested against it.
+The cuda and triton bodies run four phases per iteration on all matrices at once: ``Wᵀu`` (work
+split over column blocks of every matrix, with per-block partial sums of squares), normalize
+``v``, ``W v`` (row blocks, partial sums), normalize ``u``. The cpp body reads each weight once per
+iteration: a column block (at most 512 KiB of W, so it stays in the core's cache) yields its part
+of ``Wᵀu`` and then its share of ``W v_raw``, and since ``v`` is ``v_raw`` scaled,
+``W v = (Σ shares) / ||v_raw||``. ``power_iteration_reference`` below defines the op; the cpp,
+cuda and triton bodies are tested against it.
 """
 
 from __future__ import annotations
