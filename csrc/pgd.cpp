@@ -1,6 +1,7 @@
 // CPU bodies of the fused PGD ops: argument checks, workspace, and the call into the hot loops of
 // the best instruction set (csrc/cpu/pgd_kernels.inc, dispatched by cpu/isa.h).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
@@ -19,8 +20,11 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
   check_step(op, at::kCPU, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper);
   if (x_adv.numel() == 0) return;
   const int64_t B = x_adv.size(0), D = x_adv.numel() / B;
+  // Workspace only for the l2 step's two-phase schedule: none for linf or a sample at a time.
   at::Tensor partial, scalars;
-  if (norm == Norm::L2) {
+  const bool workspace =
+      norm == Norm::L2 && !l2_sample_at_a_time(B, D, x_adv.element_size(), at::get_num_threads());
+  if (workspace) {
     partial = at::empty({3 * cpu_tiles(B, D)}, x_adv.options().dtype(at::kDouble));
     scalars = at::empty({2 * B}, x_adv.options().dtype(at::kFloat));
   }
@@ -38,8 +42,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
                    static_cast<float>(alpha),
                    static_cast<float>(lower),
                    static_cast<float>(upper),
-                   norm == Norm::L2 ? partial.data_ptr<double>() : nullptr,
-                   norm == Norm::L2 ? scalars.data_ptr<float>() : nullptr};
+                   workspace ? partial.data_ptr<double>() : nullptr,
+                   workspace ? scalars.data_ptr<float>() : nullptr};
   pgd_step_dispatch(args);
 }
 
