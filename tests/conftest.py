@@ -38,11 +38,21 @@ def _restore_backend():
     pyadvk.set_backend(before)
 
 
+def _with_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: for tests that run many tiny ops, which OpenMP fork/join slows down
     a hundredfold on a shared, loaded machine. Restored after the test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _with_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (for code whose schedule depends on the thread count). Restored."""
+    yield from _with_threads(2)

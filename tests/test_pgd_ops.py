@@ -83,14 +83,6 @@ def test_step_matches_reference(backend, **case):
     assert_matches_reference(inplace, ref, what=f"{backend} pgd_step_")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_l2_schedules(two_threads, dtype):
