@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.pyadvk-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test demo bench clean
 
 $(STAMP): requirements.txt setup.py pyproject.toml $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(SOURCES)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade; 120 columns), the format check, and
+# mypy on the public API listed in pyproject.toml. `make format` applies ruff's fixes.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: install
 	$(PY) -m pytest -q tests
