@@ -46,7 +46,7 @@ ATTACK_IMPLS = ["floor", "torchattacks-reimpl", "pyadvk", "pyadvk-fast", "torcha
 AGREE_TOL = 1e-5  # one step must agree to this (fp32 rounding); a pixel "differs" above it
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(size: str):
     arch, gpu_batch, cpu_batch, side = SIZES[size]
     batch = gpu_batch if GPU else (cpu_batch if not QUICK else 2)
@@ -80,24 +80,34 @@ def peer_attack(name: str, model: nn.Module, steps: int = STEPS):
 
 def attack_fn(impl: str, model: nn.Module, steps: int = STEPS):
     if impl == "floor":
+
         def floor(x, y):
             loss_fn = nn.CrossEntropyLoss()
             for _ in range(steps):
                 xg = x.detach().requires_grad_(True)
                 torch.autograd.grad(loss_fn(model(xg), y), xg)
             return x
+
         return floor
     if impl == "torchattacks-reimpl":
         return functools.partial(baselines.torchattacks_pgd, model, eps=EPS, alpha=ALPHA, steps=steps)
     if impl == "pyadvk":
         return PGD(model, eps=EPS, alpha=ALPHA, steps=steps, random_start=False)
     if impl == "pyadvk-fast":
-        return PGD(model, eps=EPS, alpha=ALPHA, steps=steps, random_start=False, channels_last=True,
-                   autocast=torch.bfloat16, cuda_graph=GPU)
+        return PGD(
+            model,
+            eps=EPS,
+            alpha=ALPHA,
+            steps=steps,
+            random_start=False,
+            channels_last=True,
+            autocast=torch.bfloat16,
+            cuda_graph=GPU,
+        )
     return peer_attack(impl, model, steps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exact_adversarial(size: str, steps: int = STEPS) -> torch.Tensor:
     """pyadvk's exact fp32 PGD images after ``steps`` steps, the reference every other exact
     implementation must match."""
@@ -130,16 +140,29 @@ def test_pgd10(benchmark, size, impl):
             one = attack_fn(impl, model, steps=1)(images, labels)
             gap = (one.float() - exact_adversarial(size, 1)).abs().max().item()
             if gap > AGREE_TOL:
-                pytest.fail(f"one step of {impl} differs from pyadvk's by {gap:.2e} (> {AGREE_TOL}): "
-                            "not timing different work")
+                pytest.fail(
+                    f"one step of {impl} differs from pyadvk's by {gap:.2e} (> {AGREE_TOL}): not timing different work"
+                )
             diff = disagreement(adv, exact_adversarial(size))
-            extra.update(one_step_max_diff=gap, disagreement_vs_pyadvk=diff,
-                         note_pixels_differing_after_10_steps=f"{100 * diff:.2f}%")
+            extra.update(
+                one_step_max_diff=gap,
+                disagreement_vs_pyadvk=diff,
+                note_pixels_differing_after_10_steps=f"{100 * diff:.2f}%",
+            )
         extra["robust_acc"] = robust_accuracy(model, adv, labels)
     times = run_benchmark(benchmark, lambda: fn(images, labels), max_seconds=5.0, min_rounds=3)
     batch = images.shape[0]
-    record(benchmark, times, op="pgd10", size=size, shape=images.shape, impl=impl,
-           images_per_s=batch / sorted(times)[len(times) // 2], batch=batch, **extra)
+    record(
+        benchmark,
+        times,
+        op="pgd10",
+        size=size,
+        shape=images.shape,
+        impl=impl,
+        images_per_s=batch / sorted(times)[len(times) // 2],
+        batch=batch,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("impl", impls(["torchattacks-reimpl", "pyadvk"]))
@@ -165,5 +188,13 @@ def test_adversarial_training_step(benchmark, size, impl):
 
     times = run_benchmark(benchmark, step, max_seconds=5.0, min_rounds=3)
     batch = images.shape[0]
-    record(benchmark, times, op="at_step", size=size, shape=images.shape, impl=impl,
-           images_per_s=batch / sorted(times)[len(times) // 2], batch=batch)
+    record(
+        benchmark,
+        times,
+        op="at_step",
+        size=size,
+        shape=images.shape,
+        impl=impl,
+        images_per_s=batch / sorted(times)[len(times) // 2],
+        batch=batch,
+    )

@@ -46,8 +46,7 @@ def new_state(shape, buffer: str):
     q = 0.005 threshold exact over a dataset of 10,000 samples (none: no buffer)."""
     spatial = math.prod(shape[2:])
     m = cs.quantile_capacity(Q, BUFFERS[buffer] * spatial) if BUFFERS[buffer] else 0
-    return cs.ChannelStats.create(shape[1], topk=TOPK, bins=BINS, lo=0.0, hi=4.0, quantile_capacity=m,
-                                  device=DEVICE)
+    return cs.ChannelStats.create(shape[1], topk=TOPK, bins=BINS, lo=0.0, hi=4.0, quantile_capacity=m, device=DEVICE)
 
 
 def unfused_update(st: cs.ChannelStats, x: torch.Tensor, offset: int) -> None:
@@ -101,6 +100,16 @@ def test_channel_stats(benchmark, size, impl, buffer):
     times = run_benchmark(benchmark, run, min_rounds=3, max_rounds=50)
     numel = math.prod(shape)
     state_bytes = sum(t.numel() * t.element_size() for t in state.tensors())
-    record(benchmark, times, op="channel_stats_update", case=f"qbuf {buffer}", size=size, shape=shape,
-           impl=impl, bytes_moved=4 * numel, state_mib=state_bytes / 2**20,
-           quantile_capacity=state.quantile_capacity, note_state=f"{state_bytes / 2**20:.2f} MiB")
+    record(
+        benchmark,
+        times,
+        op="channel_stats_update",
+        case=f"qbuf {buffer}",
+        size=size,
+        shape=shape,
+        impl=impl,
+        bytes_moved=4 * numel,
+        state_mib=state_bytes / 2**20,
+        quantile_capacity=state.quantile_capacity,
+        note_state=f"{state_bytes / 2**20:.2f} MiB",
+    )

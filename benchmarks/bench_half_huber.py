@@ -40,7 +40,7 @@ def composite(x: torch.Tensor, delta: float = DELTA) -> torch.Tensor:
     return torch.where(x < 0, torch.zeros_like(x), torch.where(x <= delta, x * x / (2 * delta), x - delta / 2))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_composite():
     return torch.compile(composite, dynamic=False)
 
@@ -99,6 +99,16 @@ def test_half_huber_fwd_bwd(benchmark, size, impl):
     times = run_benchmark(benchmark, run, max_rounds=100)
     numel = torch.Size(shape).numel()
     saved = saved_bytes(fn, x)
-    record(benchmark, times, op="half_huber_relu", case="fwd+bwd", size=size, shape=shape, impl=impl,
-           bytes_moved=5 * 4 * numel, peak_bytes=peak_bytes(run), saved_bytes=saved,
-           note_saved_for_backward=f"{saved / 2**20:.1f} MiB")
+    record(
+        benchmark,
+        times,
+        op="half_huber_relu",
+        case="fwd+bwd",
+        size=size,
+        shape=shape,
+        impl=impl,
+        bytes_moved=5 * 4 * numel,
+        peak_bytes=peak_bytes(run),
+        saved_bytes=saved,
+        note_saved_for_backward=f"{saved / 2**20:.1f} MiB",
+    )

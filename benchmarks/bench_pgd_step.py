@@ -42,7 +42,7 @@ def rotating_inputs(shape, dtype=torch.float32, total_bytes=256 * 2**20):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_reference(norm: str):
     return torch.compile(pgd_ops._STEP_REFERENCE[norm], dynamic=False)
 
@@ -78,5 +78,14 @@ def test_pgd_step(benchmark, size, norm, impl):
 
     times = run_benchmark(benchmark, run)
     numel = torch.Size(shape).numel()
-    record(benchmark, times, op="pgd_step", case=norm, size=size, shape=shape, impl=impl,
-           bytes_moved=4 * 4 * numel, norm=norm)  # 3 reads + 1 write of float32
+    record(
+        benchmark,
+        times,
+        op="pgd_step",
+        case=norm,
+        size=size,
+        shape=shape,
+        impl=impl,
+        bytes_moved=4 * 4 * numel,
+        norm=norm,
+    )  # 3 reads + 1 write of float32

@@ -39,7 +39,7 @@ SIZE = "cifar-resnet18"
 pytestmark = pytest.mark.skipif(SIZE not in sizes(SIZES), reason="size not selected")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def network():
     torch.manual_seed(0)
     net = models.resnet18().to(DEVICE)
@@ -62,7 +62,7 @@ def torch_loop(mats, us, vs):
     return sigmas
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward_backward_seconds() -> float:
     """Median seconds of one forward+backward of the network at batch 128 (the yardstick)."""
     net = network().train()
@@ -100,9 +100,17 @@ def test_reshaped_norms(benchmark, impl):
     times = run_benchmark(benchmark, run, min_rounds=30)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     # one iteration reads every weight twice (W v, then Wᵀ u): the traffic floor
-    record(benchmark, times, op="spectral_norms", case="reshaped, 1 iter", size=SIZE,
-           shape=[len(mats), sum(m.numel() for m in mats)], impl=impl, bytes_moved=2 * nbytes,
-           layers=len(mats))
+    record(
+        benchmark,
+        times,
+        op="spectral_norms",
+        case="reshaped, 1 iter",
+        size=SIZE,
+        shape=[len(mats), sum(m.numel() for m in mats)],
+        impl=impl,
+        bytes_moved=2 * nbytes,
+        layers=len(mats),
+    )
 
 
 def _fwd_bwd(net, x, y):
@@ -117,8 +125,16 @@ def test_forward_backward_batch128(benchmark):
     y = torch.randint(0, 10, (BATCH,), generator=gen).to(DEVICE)
 
     times = run_benchmark(benchmark, lambda: _fwd_bwd(net, x, y), min_rounds=3)
-    record(benchmark, times, op="network", case="forward+backward", size=SIZE, shape=(BATCH, *INPUT),
-           impl="torch", batch=BATCH)
+    record(
+        benchmark,
+        times,
+        op="network",
+        case="forward+backward",
+        size=SIZE,
+        shape=(BATCH, *INPUT),
+        impl="torch",
+        batch=BATCH,
+    )
 
 
 def test_training_step_batch128(benchmark):
@@ -133,8 +149,16 @@ def test_training_step_batch128(benchmark):
         opt.step()
 
     times = run_benchmark(benchmark, run, min_rounds=3)
-    record(benchmark, times, op="network", case="training step", size=SIZE, shape=(BATCH, *INPUT),
-           impl="torch", batch=BATCH)
+    record(
+        benchmark,
+        times,
+        op="network",
+        case="training step",
+        size=SIZE,
+        shape=(BATCH, *INPUT),
+        impl="torch",
+        batch=BATCH,
+    )
 
 
 def test_true_norms_one_iteration(benchmark):
@@ -143,11 +167,19 @@ def test_true_norms_one_iteration(benchmark):
     spectral_norms(net, INPUT, "power", 5, state=state)  # warm
 
     times = run_benchmark(benchmark, lambda: spectral_norms(net, INPUT, "power", 1, state=state), min_rounds=5)
-    record(benchmark, times, op="conv_operator_norms", case="true, 1 warm iter", size=SIZE, shape=INPUT,
-           impl="power", note_cost=_vs_fwd_bwd(times))
+    record(
+        benchmark,
+        times,
+        op="conv_operator_norms",
+        case="true, 1 warm iter",
+        size=SIZE,
+        shape=INPUT,
+        impl="power",
+        note_cost=_vs_fwd_bwd(times),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def true_norms():
     state = SpectralNormState(torch.Generator().manual_seed(0))
     return {n: float(s) for n, s in spectral_norms(network(), INPUT, "power", 200, state=state).items()}
@@ -167,11 +199,20 @@ def test_gram_bound(benchmark):
     exact = true_norms()
     reshaped = spectral_norms(net, None, "reshaped", 200)
     ratios = {n: float(out[n]) / exact[n] for n in exact}
-    record(benchmark, times, op="conv_operator_norms", case="gram bound, 6 steps", size=SIZE, shape=INPUT,
-           impl="gram", ratio_bound_over_true=ratios, true_norm=exact,
-           gram_bound={n: float(s) for n, s in out.items()},
-           reshaped_norm={n: float(s) for n, s in reshaped.items()},
-           note_bound_over_true=f"{min(ratios.values()):.3f}–{max(ratios.values()):.3f}")
+    record(
+        benchmark,
+        times,
+        op="conv_operator_norms",
+        case="gram bound, 6 steps",
+        size=SIZE,
+        shape=INPUT,
+        impl="gram",
+        ratio_bound_over_true=ratios,
+        true_norm=exact,
+        gram_bound={n: float(s) for n, s in out.items()},
+        reshaped_norm={n: float(s) for n, s in reshaped.items()},
+        note_bound_over_true=f"{min(ratios.values()):.3f}–{max(ratios.values()):.3f}",
+    )
 
 
 @pytest.mark.parametrize("method", ["reshaped", "power"])
@@ -180,5 +221,13 @@ def test_penalty(benchmark, method):
     pen = LipschitzPenalty(net, INPUT, kind="hinge", target=1.0, n_iters=1, method=method, init_iters=5)
 
     times = run_benchmark(benchmark, lambda: pen().backward(), min_rounds=5)
-    record(benchmark, times, op="lipschitz_penalty", case="fwd+bwd, 1 iter", size=SIZE, shape=INPUT,
-           impl=method, note_cost=_vs_fwd_bwd(times))
+    record(
+        benchmark,
+        times,
+        op="lipschitz_penalty",
+        case="fwd+bwd, 1 iter",
+        size=SIZE,
+        shape=INPUT,
+        impl=method,
+        note_cost=_vs_fwd_bwd(times),
+    )

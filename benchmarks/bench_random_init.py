@@ -60,5 +60,14 @@ def test_random_init(benchmark, size, norm, impl):
         return pgd_ops.random_init(x, eps=eps, norm=norm, backend=impl, check_values=False)
 
     times = run_benchmark(benchmark, run)
-    record(benchmark, times, op="random_init", case=norm, size=size, shape=shape, impl=impl,
-           bytes_moved=4 * 4 * numel, norm=norm)
+    record(
+        benchmark,
+        times,
+        op="random_init",
+        case=norm,
+        size=size,
+        shape=shape,
+        impl=impl,
+        bytes_moved=4 * 4 * numel,
+        norm=norm,
+    )

@@ -77,8 +77,7 @@ def call_times(fn, repeats: int, warmup: int = 3) -> list[float]:
         fn()
     sync()
     if DEVICE.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
             start.record()
             fn()
@@ -122,8 +121,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def run_benchmark(benchmark, fn, *, max_seconds: float = 2.0, min_rounds: int = 5,
-                  max_rounds: int = 200) -> list[float]:
+def run_benchmark(
+    benchmark, fn, *, max_seconds: float = 2.0, min_rounds: int = 5, max_rounds: int = 200
+) -> list[float]:
     """Times ``fn`` with pytest-benchmark on CPU and with CUDA events on CUDA (where
     pytest-benchmark records a single round); returns the per-call seconds of the figures."""
     budget = 0.5 if QUICK else max_seconds
@@ -159,23 +159,47 @@ def peak_memory(fn) -> int | None:
     return torch.cuda.max_memory_allocated(DEVICE) - before
 
 
-def record(benchmark, times: list[float], *, op: str, size: str, shape, impl: str, dtype="float32",
-           case: str = "", bytes_moved: int | None = None, peak_bytes: int | None = None,
-           **extra) -> None:
+def record(
+    benchmark,
+    times: list[float],
+    *,
+    op: str,
+    size: str,
+    shape,
+    impl: str,
+    dtype="float32",
+    case: str = "",
+    bytes_moved: int | None = None,
+    peak_bytes: int | None = None,
+    **extra,
+) -> None:
     """Stores one row's figures in ``benchmark.extra_info`` (the fields ``pyadvk bench`` and
     ``benchmarks/summarize.py`` read): median and p20/p80 seconds, GB/s of ``bytes_moved`` per
     call and its share of the float32 copy bandwidth of the same number of bytes, peak memory."""
     median = percentile(times, 0.5)
     info = dict(
-        op=op, case=case, size=size, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-        impl=impl, device=device_name(), threads=torch.get_num_threads(), median_s=median,
-        p20_s=percentile(times, 0.2), p80_s=percentile(times, 0.8), rounds=len(times),
+        op=op,
+        case=case,
+        size=size,
+        shape=list(shape),
+        dtype=str(dtype).replace("torch.", ""),
+        impl=impl,
+        device=device_name(),
+        threads=torch.get_num_threads(),
+        median_s=median,
+        p20_s=percentile(times, 0.2),
+        p80_s=percentile(times, 0.8),
+        rounds=len(times),
         peak_bytes=peak_bytes,
     )
     if bytes_moved:
         copy = copy_bandwidth(max(1, bytes_moved // 8))  # same bytes moved by a float32 copy
-        info.update(bytes=bytes_moved, gbps=bytes_moved / median / 1e9, copy_gbps=copy / 1e9,
-                    pct_of_copy=100 * (bytes_moved / median) / copy)
+        info.update(
+            bytes=bytes_moved,
+            gbps=bytes_moved / median / 1e9,
+            copy_gbps=copy / 1e9,
+            pct_of_copy=100 * (bytes_moved / median) / copy,
+        )
     info.update(extra)
     benchmark.extra_info.update(info)
 

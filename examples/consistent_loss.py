@@ -29,8 +29,12 @@ from pyadvk.train import AdversarialTrainer, consistent_adversarial_loss, pgd_ad
 def train(loss_fn, args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = SmallCNN(width=args.width, input_size=args.size)
-    loader = DataLoader(digits(args.size, "train"), batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        digits(args.size, "train"),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     AdversarialTrainer(model, optimizer, loader, loss_fn=loss_fn, epochs=args.epochs, progress=False).fit()
     return model.eval()
@@ -38,8 +42,7 @@ def train(loss_fn, args) -> torch.nn.Module:
 
 def evaluate(model: torch.nn.Module, args) -> dict:
     images, labels = digits(args.size, "test").tensors
-    attack = PGD(model, eps=args.eps, alpha=args.eps / 4, steps=10,
-                 generator=torch.Generator().manual_seed(args.seed))
+    attack = PGD(model, eps=args.eps, alpha=args.eps / 4, steps=10, generator=torch.Generator().manual_seed(args.seed))
     adv = attack(images, labels)
     with torch.no_grad():
         clean = (model(images).argmax(1) == labels).float().mean().item()
@@ -76,8 +79,10 @@ def main() -> None:
         "pgd_at": functools.partial(pgd_adversarial_loss, eps=args.eps, alpha=alpha, steps=args.steps),
         "consistent": consistent_adversarial_loss(args.eps, alpha, args.steps, layers=args.layers, lam=args.lam),
     }
-    print(f"digits {args.size}x{args.size}, SmallCNN(width={args.width}), {args.epochs} epochs, L∞ eps={args.eps}, "
-          f"PGD-{args.steps} training, PGD-10 evaluation, lam={args.lam}, layers={args.layers}")
+    print(
+        f"digits {args.size}x{args.size}, SmallCNN(width={args.width}), {args.epochs} epochs, L∞ eps={args.eps}, "
+        f"PGD-{args.steps} training, PGD-10 evaluation, lam={args.lam}, layers={args.layers}"
+    )
     for name, loss_fn in losses.items():
         start = time.perf_counter()
         model = train(loss_fn, args)

@@ -14,7 +14,6 @@ way.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +24,26 @@ VALUES_PER_PROGRAM = 65536
 
 @triton.jit
 def _partials_kernel(
-    x_ptr, shift_ptr, cnt_ptr, nan_ptr, s1_ptr, s2_ptr, min_ptr, max_ptr, hist_ptr,
-    S, L, stride_n, stride_c, stride_s, G, per_program, lo, hi, inv, bins,
+    x_ptr,
+    shift_ptr,
+    cnt_ptr,
+    nan_ptr,
+    s1_ptr,
+    s2_ptr,
+    min_ptr,
+    max_ptr,
+    hist_ptr,
+    S,
+    L,
+    stride_n,
+    stride_c,
+    stride_s,
+    G,
+    per_program,
+    lo,
+    hi,
+    inv,
+    bins,
     BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
@@ -83,14 +100,38 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return s, c * s, s, 1
 
 
-@triton_op("pyadvk::channel_stats_update_triton_", mutates_args={
-    "count", "nan_count", "mean", "m2", "minimum", "maximum", "hist", "topk_values", "topk_sample",
-    "topk_pos", "qbuf"})
+@triton_op(
+    "pyadvk::channel_stats_update_triton_",
+    mutates_args={
+        "count",
+        "nan_count",
+        "mean",
+        "m2",
+        "minimum",
+        "maximum",
+        "hist",
+        "topk_values",
+        "topk_sample",
+        "topk_pos",
+        "qbuf",
+    },
+)
 def channel_stats_update_triton_(
-    count: torch.Tensor, nan_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-    minimum: torch.Tensor, maximum: torch.Tensor, hist: torch.Tensor, topk_values: torch.Tensor,
-    topk_sample: torch.Tensor, topk_pos: torch.Tensor, qbuf: torch.Tensor, x: torch.Tensor,
-    sample_offset: int, lo: float, hi: float,
+    count: torch.Tensor,
+    nan_count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    minimum: torch.Tensor,
+    maximum: torch.Tensor,
+    hist: torch.Tensor,
+    topk_values: torch.Tensor,
+    topk_sample: torch.Tensor,
+    topk_pos: torch.Tensor,
+    qbuf: torch.Tensor,
+    x: torch.Tensor,
+    sample_offset: int,
+    lo: float,
+    hi: float,
 ) -> None:
     from pyadvk.ops import channel_stats as cs
 
@@ -115,8 +156,27 @@ def channel_stats_update_triton_(
     phist = torch.zeros(C * G, bins + 2, dtype=torch.int32, device=dev)
     block = max(16, min(1024, triton.next_power_of_2(per)))
     wrap_triton(_partials_kernel)[(C, G)](
-        x, shift, cnt, nan, s1, s2, pmin, pmax, phist, S, L, sn, sc, ss, G, per, lo, hi,
-        bins / (hi - lo), bins, BLOCK=block,
+        x,
+        shift,
+        cnt,
+        nan,
+        s1,
+        s2,
+        pmin,
+        pmax,
+        phist,
+        S,
+        L,
+        sn,
+        sc,
+        ss,
+        G,
+        per,
+        lo,
+        hi,
+        bins / (hi - lo),
+        bins,
+        BLOCK=block,
     )
     # Merge the partials: each is (n, mean = shift + s1/n, M2 = s2 - s1^2/n), in float64.
     n = cnt.view(C, G).to(torch.int64)
@@ -135,8 +195,22 @@ def channel_stats_update_triton_(
     v = cs.channel_view(x)
     valid = ~torch.isnan(v)
     keys = (sample_offset * S + torch.arange(L, device=dev)).expand(C, -1)
-    state = cs.ChannelStats(count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
-                            topk_pos, qbuf, lo=lo, hi=hi, spatial_size=S)
+    state = cs.ChannelStats(
+        count,
+        nan_count,
+        mean,
+        m2,
+        minimum,
+        maximum,
+        hist,
+        topk_values,
+        topk_sample,
+        topk_pos,
+        qbuf,
+        lo=lo,
+        hi=hi,
+        spatial_size=S,
+    )
     cs.merge_selection_(state, old_count, v, keys, valid)
     count.copy_(tn)
     mean.copy_(tmean)

@@ -61,9 +61,7 @@ def _backward_kernel(g_ptr, x_ptr, out_ptr, n, delta, invd, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _double_backward_kernel(
-    gg_ptr, g_ptr, x_ptr, a_ptr, b_ptr, n, delta, invd, BLOCK: tl.constexpr
-):
+def _double_backward_kernel(gg_ptr, g_ptr, x_ptr, a_ptr, b_ptr, n, delta, invd, BLOCK: tl.constexpr):
     offs, mask = _offsets(n, BLOCK)
     v = _load(x_ptr, offs, mask)
     g = _load(g_ptr, offs, mask)
@@ -88,9 +86,7 @@ def half_huber_relu_triton(x: torch.Tensor, delta: float) -> torch.Tensor:
     n = x.numel()
     if n:
         d, half, _, inv2d = ops.constants(delta)
-        wrap_triton(_forward_kernel)[_grid(n)](
-            x, y, n, d, half, inv2d, BLOCK=_BLOCK
-        )
+        wrap_triton(_forward_kernel)[_grid(n)](x, y, n, d, half, inv2d, BLOCK=_BLOCK)
     return y
 
 
@@ -102,9 +98,7 @@ def half_huber_relu_backward_triton(grad: torch.Tensor, x: torch.Tensor, delta: 
     n = x.numel()
     if n:
         d, _, invd, _ = ops.constants(delta)
-        wrap_triton(_backward_kernel)[_grid(n)](
-            grad, x, out, n, d, invd, BLOCK=_BLOCK
-        )
+        wrap_triton(_backward_kernel)[_grid(n)](grad, x, out, n, d, invd, BLOCK=_BLOCK)
     return out
 
 
@@ -119,9 +113,7 @@ def half_huber_relu_double_backward_triton(
     n = x.numel()
     if n:
         d, _, invd, _ = ops.constants(delta)
-        wrap_triton(_double_backward_kernel)[_grid(n)](
-            gg, grad, x, d_grad, d_x, n, d, invd, BLOCK=_BLOCK
-        )
+        wrap_triton(_double_backward_kernel)[_grid(n)](gg, grad, x, d_grad, d_x, n, d, invd, BLOCK=_BLOCK)
     return d_grad, d_x
 
 

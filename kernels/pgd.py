@@ -38,8 +38,21 @@ def _per_sample(ptr, b, scalar, HAS_TENSOR: tl.constexpr):
 
 @triton.jit
 def _linf_step_kernel(
-    xa_ptr, xo_ptr, g_ptr, out_ptr, eps_ptr, alpha_ptr, D, per_sample, eps, alpha, lower, upper,
-    HAS_EPS_T: tl.constexpr, HAS_ALPHA_T: tl.constexpr, BLOCK: tl.constexpr,
+    xa_ptr,
+    xo_ptr,
+    g_ptr,
+    out_ptr,
+    eps_ptr,
+    alpha_ptr,
+    D,
+    per_sample,
+    eps,
+    alpha,
+    lower,
+    upper,
+    HAS_EPS_T: tl.constexpr,
+    HAS_ALPHA_T: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b, offs, mask = _tile(D, per_sample, BLOCK)
     e = _per_sample(eps_ptr, b, eps, HAS_EPS_T)
@@ -69,8 +82,22 @@ def _l2_reduce_kernel(xa_ptr, xo_ptr, g_ptr, partial_ptr, D, per_sample, BLOCK: 
 
 @triton.jit
 def _l2_apply_kernel(
-    xa_ptr, xo_ptr, g_ptr, out_ptr, partial_ptr, eps_ptr, alpha_ptr, D, per_sample, eps, alpha,
-    lower, upper, HAS_EPS_T: tl.constexpr, HAS_ALPHA_T: tl.constexpr, BLOCK: tl.constexpr,
+    xa_ptr,
+    xo_ptr,
+    g_ptr,
+    out_ptr,
+    partial_ptr,
+    eps_ptr,
+    alpha_ptr,
+    D,
+    per_sample,
+    eps,
+    alpha,
+    lower,
+    upper,
+    HAS_EPS_T: tl.constexpr,
+    HAS_ALPHA_T: tl.constexpr,
+    BLOCK: tl.constexpr,
     PARTIAL_BLOCK: tl.constexpr,
 ):
     b, offs, mask = _tile(D, per_sample, BLOCK)
@@ -104,8 +131,17 @@ def _l2_apply_kernel(
 
 @triton.jit
 def _linf_init_kernel(
-    x_ptr, u_ptr, out_ptr, eps_ptr, D, per_sample, eps, lower, upper,
-    HAS_EPS_T: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    u_ptr,
+    out_ptr,
+    eps_ptr,
+    D,
+    per_sample,
+    eps,
+    lower,
+    upper,
+    HAS_EPS_T: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b, offs, mask = _tile(D, per_sample, BLOCK)
     e = _per_sample(eps_ptr, b, eps, HAS_EPS_T)
@@ -132,38 +168,72 @@ def _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, u
     alpha_ptr = alpha_t if alpha_t is not None else x_adv
     if norm == "linf":
         wrap_triton(_linf_step_kernel)[grid](
-            x_adv, x_orig, grad, out, eps_ptr, alpha_ptr, D, per_sample, eps, alpha, lower, upper,
+            x_adv,
+            x_orig,
+            grad,
+            out,
+            eps_ptr,
+            alpha_ptr,
+            D,
+            per_sample,
+            eps,
+            alpha,
+            lower,
+            upper,
             **flags,
         )
         return
     partial = torch.empty(grid[0] * 3, device=x_adv.device, dtype=torch.float32)
     wrap_triton(_l2_reduce_kernel)[grid](x_adv, x_orig, grad, partial, D, per_sample, BLOCK=block)
     wrap_triton(_l2_apply_kernel)[grid](
-        x_adv, x_orig, grad, out, partial, eps_ptr, alpha_ptr, D, per_sample, eps, alpha, lower,
-        upper, PARTIAL_BLOCK=_PARTIAL_BLOCK, **flags,
+        x_adv,
+        x_orig,
+        grad,
+        out,
+        partial,
+        eps_ptr,
+        alpha_ptr,
+        D,
+        per_sample,
+        eps,
+        alpha,
+        lower,
+        upper,
+        PARTIAL_BLOCK=_PARTIAL_BLOCK,
+        **flags,
     )
 
 
 def _register_step(norm: str) -> None:
     @triton_op(f"pyadvk::pgd_step_{norm}_triton", mutates_args=())
     def step(
-        x_adv: torch.Tensor, x_orig: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float,
-        eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor],
-        lower: float, upper: float,
+        x_adv: torch.Tensor,
+        x_orig: torch.Tensor,
+        grad: torch.Tensor,
+        eps: float,
+        alpha: float,
+        eps_per_sample: Optional[torch.Tensor],
+        alpha_per_sample: Optional[torch.Tensor],
+        lower: float,
+        upper: float,
     ) -> torch.Tensor:
         out = torch.empty_like(x_adv)
-        _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_per_sample, alpha_per_sample,
-                     lower, upper, out)
+        _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_per_sample, alpha_per_sample, lower, upper, out)
         return out
 
     @triton_op(f"pyadvk::pgd_step_{norm}_triton_", mutates_args={"x_adv"})
     def step_(
-        x_adv: torch.Tensor, x_orig: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float,
-        eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor],
-        lower: float, upper: float,
+        x_adv: torch.Tensor,
+        x_orig: torch.Tensor,
+        grad: torch.Tensor,
+        eps: float,
+        alpha: float,
+        eps_per_sample: Optional[torch.Tensor],
+        alpha_per_sample: Optional[torch.Tensor],
+        lower: float,
+        upper: float,
     ) -> None:
-        _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_per_sample, alpha_per_sample,
-                     lower, upper, x_adv)
+        _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_per_sample, alpha_per_sample, lower, upper, x_adv)
 
 
 for _norm in ("linf", "l2"):
@@ -172,8 +242,12 @@ for _norm in ("linf", "l2"):
 
 @triton_op("pyadvk::random_init_linf_triton", mutates_args=())
 def random_init_linf_triton(
-    x: torch.Tensor, noise: torch.Tensor, eps: float, eps_per_sample: Optional[torch.Tensor],
-    lower: float, upper: float,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    eps: float,
+    eps_per_sample: Optional[torch.Tensor],
+    lower: float,
+    upper: float,
 ) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel() == 0:
@@ -181,7 +255,16 @@ def random_init_linf_triton(
     D, per_sample, block = _plan(x)
     eps_ptr = eps_per_sample if eps_per_sample is not None else noise
     wrap_triton(_linf_init_kernel)[(x.shape[0] * per_sample,)](
-        x, noise, out, eps_ptr, D, per_sample, eps, lower, upper,
-        HAS_EPS_T=eps_per_sample is not None, BLOCK=block,
+        x,
+        noise,
+        out,
+        eps_ptr,
+        D,
+        per_sample,
+        eps,
+        lower,
+        upper,
+        HAS_EPS_T=eps_per_sample is not None,
+        BLOCK=block,
     )
     return out

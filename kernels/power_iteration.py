@@ -21,8 +21,17 @@ _META = 10  # w_off, u_off, v_off, m, n, col_task0, col_task1, row_task0, row_ta
 
 
 @triton.jit
-def _wt_u_kernel(w_ptr, u_ptr, v_ptr, meta_ptr, tasks_ptr, partial_ptr,
-                 META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _wt_u_kernel(
+    w_ptr,
+    u_ptr,
+    v_ptr,
+    meta_ptr,
+    tasks_ptr,
+    partial_ptr,
+    META: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     k = tl.program_id(0).to(tl.int64)
     i = tl.load(tasks_ptr + 2 * k)
     c0 = tl.load(tasks_ptr + 2 * k + 1)
@@ -38,8 +47,9 @@ def _wt_u_kernel(w_ptr, u_ptr, v_ptr, meta_ptr, tasks_ptr, partial_ptr,
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < m
         u = tl.load(u_ptr + u_off + rows, mask=rmask, other=0.0)
-        w = tl.load(w_ptr + w_off + rows[:, None] * n + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + w_off + rows[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(w * u[:, None], axis=0)
     tl.store(v_ptr + v_off + cols, acc, mask=cmask)
     tl.store(partial_ptr + k, tl.sum(acc * acc, axis=0))
@@ -66,8 +76,17 @@ def _normalize_v_kernel(v_ptr, meta_ptr, partial_ptr, META: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _w_v_kernel(w_ptr, v_ptr, t_ptr, meta_ptr, tasks_ptr, partial_ptr,
-                META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _w_v_kernel(
+    w_ptr,
+    v_ptr,
+    t_ptr,
+    meta_ptr,
+    tasks_ptr,
+    partial_ptr,
+    META: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     k = tl.program_id(0).to(tl.int64)
     i = tl.load(tasks_ptr + 2 * k)
     r0 = tl.load(tasks_ptr + 2 * k + 1)
@@ -83,16 +102,16 @@ def _w_v_kernel(w_ptr, v_ptr, t_ptr, meta_ptr, tasks_ptr, partial_ptr,
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < n
         v = tl.load(v_ptr + v_off + cols, mask=cmask, other=0.0)
-        w = tl.load(w_ptr + w_off + rows[:, None] * n + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + w_off + rows[:, None] * n + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(w * v[None, :], axis=1)
     tl.store(t_ptr + u_off + rows, acc, mask=rmask)
     tl.store(partial_ptr + k, tl.sum(acc * acc, axis=0))
 
 
 @triton.jit
-def _normalize_u_kernel(u_ptr, t_ptr, meta_ptr, partial_ptr, sigma_ptr,
-                        META: tl.constexpr, BLOCK: tl.constexpr):
+def _normalize_u_kernel(u_ptr, t_ptr, meta_ptr, partial_ptr, sigma_ptr, META: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     u_off = tl.load(meta_ptr + META * i + 1)
     m = tl.load(meta_ptr + META * i + 3)
@@ -145,13 +164,10 @@ def power_iteration_triton(
     partial = torch.empty(max(n_col, n_row), device=dev, dtype=torch.float32)
     sigma = torch.zeros(len(weights), device=dev, dtype=torch.float32)
     for _ in range(n_iters):
-        wrap_triton(_wt_u_kernel)[(n_col,)](w, u, v, meta, col, partial, META=_META,
-                                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        wrap_triton(_wt_u_kernel)[(n_col,)](w, u, v, meta, col, partial, META=_META, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         wrap_triton(_normalize_v_kernel)[(len(weights),)](v, meta, partial, META=_META, BLOCK=128)
-        wrap_triton(_w_v_kernel)[(n_row,)](w, v, t, meta, row, partial, META=_META,
-                                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-        wrap_triton(_normalize_u_kernel)[(len(weights),)](u, t, meta, partial, sigma, META=_META,
-                                                          BLOCK=128)
+        wrap_triton(_w_v_kernel)[(n_row,)](w, v, t, meta, row, partial, META=_META, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        wrap_triton(_normalize_u_kernel)[(len(weights),)](u, t, meta, partial, sigma, META=_META, BLOCK=128)
     rows = [x.shape[0] for x in weights]
     cols = [x.shape[1] for x in weights]
     return sigma, [x.clone() for x in u.split(rows)], [x.clone() for x in v.split(cols)]

@@ -4,6 +4,8 @@
 ``pyadvk.backends()`` says which bodies (cuda, triton, cpp, torch) run on this machine.
 """
 
+# ops declares the schemas and loads the compiled bodies; attacks are built on them
+from pyadvk import attacks, ops
 from pyadvk._backend import (
     BACKENDS,
     BackendStatus,
@@ -12,8 +14,6 @@ from pyadvk._backend import (
     get_backend,
     set_backend,
 )
-from pyadvk import ops  # noqa: E402  (declares the schemas, loads the compiled bodies)
-from pyadvk import attacks  # noqa: E402
 
 __version__ = "0.1.0"
 

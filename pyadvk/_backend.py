@@ -172,9 +172,7 @@ def resolve(op: OpBodies, device: torch.device, backend: str | None = None) -> s
                 return name
         return "torch"
     if op.reason(choice, device_type):
-        lines = "\n".join(
-            f"  {name}: {op.reason(name, device_type) or 'available'}" for name in BACKENDS
-        )
+        lines = "\n".join(f"  {name}: {op.reason(name, device_type) or 'available'}" for name in BACKENDS)
         raise BackendUnavailableError(
             f"backend {choice!r} cannot run {op.name} on a {device_type} tensor. Backends:\n{lines}"
         )

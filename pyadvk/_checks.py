@@ -30,9 +30,7 @@ def tensor(name: str, value, *, dtypes=FLOAT_DTYPES, min_dim: int = 1) -> torch.
 def like(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
     """``value`` must have the shape, device (and dtype) of ``ref``."""
     if value.shape != ref.shape:
-        raise ValueError(
-            f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}")
     if value.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}")
     if dtype and value.dtype != ref.dtype:
@@ -101,7 +99,6 @@ def per_sample(
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"{name} must be {'>' if positive else '>='} 0 for every sample, got {float(value[i])} "
-                f"for sample {i}"
+                f"{name} must be {'>' if positive else '>='} 0 for every sample, got {float(value[i])} for sample {i}"
             )
     return 0.0, value

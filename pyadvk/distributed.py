@@ -74,8 +74,9 @@ class ShardSampler(Sampler[int]):
     optionally in a seeded per-epoch permutation shared by all ranks: every item goes to exactly
     one rank, none is repeated, so per-rank counts may differ by one."""
 
-    def __init__(self, n: int, *, shuffle: bool = False, seed: int = 0, rank_: int | None = None,
-                 world: int | None = None) -> None:
+    def __init__(
+        self, n: int, *, shuffle: bool = False, seed: int = 0, rank_: int | None = None, world: int | None = None
+    ) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
@@ -96,12 +97,12 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world))
 
 
-def shard_loader(dataset: Dataset, batch_size: int, *, n: int | None = None, shuffle: bool = False,
-                 seed: int = 0, **kwargs) -> DataLoader:
+def shard_loader(
+    dataset: Dataset, batch_size: int, *, n: int | None = None, shuffle: bool = False, seed: int = 0, **kwargs
+) -> DataLoader:
     """A DataLoader over this rank's share of the first ``n`` items (all by default)."""
     total = len(dataset) if n is None else min(n, len(dataset))
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(total, shuffle=shuffle, seed=seed),
-                      **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(total, shuffle=shuffle, seed=seed), **kwargs)
 
 
 def check_loader(loader: DataLoader) -> None:
@@ -136,7 +137,9 @@ def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     """Sum over ranks of a vector of numbers (float64), on every rank."""
     t = torch.as_tensor(values, dtype=torch.float64)
     if is_distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         t = t.to(device)
         dist.all_reduce(t)
     return t.cpu()

@@ -48,20 +48,34 @@ class SmallCNN(nn.Module):
     against 0.08 with He init).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 16,
-                 width: int = 32, activation: str = "relu"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        input_size: int = 16,
+        width: int = 32,
+        activation: str = "relu",
+    ):
         super().__init__()
         if input_size % 4:
             raise ValueError(f"input_size must be a multiple of 4, got {input_size}")
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), activation_layer(activation),
-            nn.Conv2d(w, w, 3, padding=1), activation_layer(activation), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), activation_layer(activation),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), activation_layer(activation), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            activation_layer(activation),
+            nn.Conv2d(w, w, 3, padding=1),
+            activation_layer(activation),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            activation_layer(activation),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            activation_layer(activation),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * w * (input_size // 4) ** 2, 4 * w), activation_layer(activation),
+            nn.Flatten(),
+            nn.Linear(2 * w * (input_size // 4) ** 2, 4 * w),
+            activation_layer(activation),
             nn.Linear(4 * w, num_classes),
         )
         if activation == "half_huber":
@@ -120,15 +134,19 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers: list[int], num_classes: int, in_channels: int, stem: str,
-                 activation: str):
+    def __init__(self, block, layers: list[int], num_classes: int, in_channels: int, stem: str, activation: str):
         super().__init__()
         if stem == "cifar":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                      activation_layer(activation))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), activation_layer(activation)
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                      activation_layer(activation), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(64),
+                activation_layer(activation),
+                nn.MaxPool2d(3, 2, 1),
+            )
         cin, stages = 64, []
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
@@ -180,8 +198,14 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
 
 
-def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
-               map_location: str | torch.device = "cpu", **arch_kwargs: Any) -> nn.Module:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+    **arch_kwargs: Any,
+) -> nn.Module:
     """Loads a model file safely (see the module docstring); the model is returned in eval mode."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -213,8 +237,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a model, a pyadvk model file or a state dict")
     if arch is None:
         raise ValueError(
-            f"{path!r} holds a bare state dict: name its architecture with --arch "
-            f"({', '.join(ARCHITECTURES)})"
+            f"{path!r} holds a bare state dict: name its architecture with --arch ({', '.join(ARCHITECTURES)})"
         )
     model = build(arch, **arch_kwargs)
     try:

@@ -16,8 +16,7 @@ BACKENDS = available(pgd_ops.STEP, "cpu")
 
 def small_model(seed=0, dropout=False):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-              nn.Linear(8 * 4 * 4, 10)]
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)]
     if dropout:
         layers.insert(4, nn.Dropout(0.5))
     return nn.Sequential(*layers)
@@ -32,18 +31,16 @@ def data():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "cls, norm, eps, alpha", [(PGD, "linf", 8 / 255, 2 / 255), (PGDL2, "l2", 0.5, 0.1)]
-)
+@pytest.mark.parametrize("cls, norm, eps, alpha", [(PGD, "linf", 8 / 255, 2 / 255), (PGDL2, "l2", 0.5, 0.1)])
 @pytest.mark.parametrize("targeted", [False, True])
 def test_matches_torchattacks(backend, cls, norm, eps, alpha, targeted, data):
     images, labels = data
     model = small_model().eval()
-    attack = cls(model, eps=eps, alpha=alpha, steps=10, random_start=False, targeted=targeted,
-                 backend=backend)
+    attack = cls(model, eps=eps, alpha=alpha, steps=10, random_start=False, targeted=targeted, backend=backend)
     ours = attack(images, labels)
-    theirs = baselines.torchattacks_pgd(model, images, labels, eps=eps, alpha=alpha, steps=10,
-                                        norm=norm, targeted=targeted)
+    theirs = baselines.torchattacks_pgd(
+        model, images, labels, eps=eps, alpha=alpha, steps=10, norm=norm, targeted=targeted
+    )
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
     delta = (ours - images).reshape(len(images), -1)
     size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
@@ -55,10 +52,10 @@ def test_matches_torchattacks(backend, cls, norm, eps, alpha, targeted, data):
 def test_momentum_matches_mifgsm(backend, data):
     images, labels = data
     model = small_model().eval()
-    ours = PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False, decay=1.0,
-               backend=backend)(images, labels)
-    theirs = baselines.torchattacks_pgd(model, images, labels, eps=8 / 255, alpha=2 / 255, steps=5,
-                                        decay=1.0)
+    ours = PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False, decay=1.0, backend=backend)(
+        images, labels
+    )
+    theirs = baselines.torchattacks_pgd(model, images, labels, eps=8 / 255, alpha=2 / 255, steps=5, decay=1.0)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
 
 
@@ -119,8 +116,13 @@ def test_model_mode_and_parameter_grads_untouched(data):
 def test_random_start_is_seeded_and_inside_the_ball(data):
     images, labels = data
     model = small_model().eval()
-    make = lambda seed: PGD(model, eps=0.05, alpha=0.01, steps=1,  # noqa: E731
-                            generator=torch.Generator().manual_seed(seed))
+    make = lambda seed: PGD(
+        model,
+        eps=0.05,
+        alpha=0.01,
+        steps=1,  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+    )
     a, b, c = make(1)(images, labels), make(1)(images, labels), make(2)(images, labels)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a - images).abs().max() <= 0.05 + 1e-7

@@ -17,8 +17,7 @@ from pyadvk.ops import pgd_step
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYADVK_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
 
 
 def test_backends_report_every_backend_with_a_reason():
@@ -115,8 +114,7 @@ def test_unbuilt_extension_warns_once():
 
 
 def test_info_command():
-    out = subprocess.run([sys.executable, "-m", "pyadvk", "info"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-m", "pyadvk", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"torch {torch.__version__}" in out.stdout
     for name in pyadvk.BACKENDS:

@@ -12,8 +12,7 @@ from pyadvk.cli import bench, main
 @pytest.mark.slow
 def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     out = tmp_path / "res"
-    code = main(["bench", "--ops", "pgd_step", "--quick", "--backends", "cpp", "--device", "cpu",
-                 "--out", str(out)])
+    code = main(["bench", "--ops", "pgd_step", "--quick", "--backends", "cpp", "--device", "cpu", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
@@ -33,11 +32,21 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
 
 def test_rows_speedup_and_floor_overhead():
     def b(op, impl, median, **kw):
-        return {"name": f"test_{op}", "stats": {"median": median, "q1": median, "q3": median},
-                "extra_info": dict(op=op, size="s", impl=impl, median_s=median, **kw)}
+        return {
+            "name": f"test_{op}",
+            "stats": {"median": median, "q1": median, "q3": median},
+            "extra_info": dict(op=op, size="s", impl=impl, median_s=median, **kw),
+        }
 
-    data = {"benchmarks": [b("pgd10", "floor", 1.0), b("pgd10", "torchattacks-reimpl", 2.0),
-                           b("pgd10", "pyadvk", 1.25), b("x", "cpp", 0.5), b("x", "torch", 2.0)]}
+    data = {
+        "benchmarks": [
+            b("pgd10", "floor", 1.0),
+            b("pgd10", "torchattacks-reimpl", 2.0),
+            b("pgd10", "pyadvk", 1.25),
+            b("x", "cpp", 0.5),
+            b("x", "torch", 2.0),
+        ]
+    }
     rows = {(r["op"], r["impl"]): r for r in bench.rows_from_pytest(data)}
     assert rows["pgd10", "pyadvk"]["speedup"] == pytest.approx(1.6)
     assert rows["pgd10", "pyadvk"]["overhead_vs_floor"] == pytest.approx(0.25)

@@ -38,9 +38,22 @@ def test_cuda_sources_compile(tmp_path):
 
     def compile_one(source: str) -> tuple[str, subprocess.CompletedProcess]:
         obj = tmp_path / (os.path.basename(source) + ".o")
-        cmd = [_nvcc(), "-c", source, "-o", str(obj), "-std=c++20", "-O1", "-arch=sm_90",
-               "-DPYADVK_WITH_CUDA", "--expt-relaxed-constexpr", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               "-Xcompiler", "-fPIC", "-diag-suppress=3306"] + [f"-I{p}" for p in includes]
+        cmd = [
+            _nvcc(),
+            "-c",
+            source,
+            "-o",
+            str(obj),
+            "-std=c++20",
+            "-O1",
+            "-arch=sm_90",
+            "-DPYADVK_WITH_CUDA",
+            "--expt-relaxed-constexpr",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            "-Xcompiler",
+            "-fPIC",
+            "-diag-suppress=3306",
+        ] + [f"-I{p}" for p in includes]
         return source, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

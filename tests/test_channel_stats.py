@@ -147,8 +147,16 @@ def test_fewer_values_than_k_and_all_nan_channel(body):
 
 @pytest.mark.parametrize("body", FAST)
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 6), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6),
-       k=st.integers(1, 9), m=st.integers(0, 20), seed=st.integers(0, 2**16), split=st.integers(0, 6))
+@given(
+    n=st.integers(1, 6),
+    c=st.integers(1, 5),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    k=st.integers(1, 9),
+    m=st.integers(0, 20),
+    seed=st.integers(0, 2**16),
+    split=st.integers(0, 6),
+)
 def test_hypothesis_streams(body, n, c, h, w, k, m, seed, split):
     x = activations((n, c, h, w), seed=seed, ties=seed % 2 == 0, nan=0.1)
     split = min(split, n)
@@ -163,7 +171,7 @@ def test_large_offset_keeps_variance_accurate(body):
     n = 1_000_000 if body != "triton" else 200_000
     g = torch.Generator().manual_seed(11)
     x = (1e4 + torch.randn(n // 2, 2, generator=g)).float()
-    state = run_batches(body, make_state(2, m=0), [x[: n // 4], x[n // 4:]])
+    state = run_batches(body, make_state(2, m=0), [x[: n // 4], x[n // 4 :]])
     exact = x.double()
     want_var = exact.var(0, unbiased=False)
     got_var = state.variance()
@@ -256,8 +264,11 @@ def test_merge_rejects_other_configuration():
 def test_opcheck_cpu(channels_last):
     x = activations((3, 4, 5, 6), seed=23, channels_last=channels_last)
     state = make_state(4)
-    torch.library.opcheck(torch.ops.pyadvk.channel_stats_update_, (*state.tensors(), x, 2, state.lo, state.hi),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.pyadvk.channel_stats_update_,
+        (*state.tensors(), x, 2, state.lo, state.hi),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_cpp_op_checks_its_arguments():
@@ -280,7 +291,11 @@ def test_cpp_op_checks_its_arguments():
     [
         (lambda s: cs.channel_stats_update(s, torch.randn(4), 0), "at least 2 dim", ValueError),
         (lambda s: cs.channel_stats_update(s, torch.randn(2, 5), 0), "must have 3 channels", ValueError),
-        (lambda s: cs.channel_stats_update(s, torch.randn(2, 3).double(), 0), "float32, float16 or bfloat16", TypeError),
+        (
+            lambda s: cs.channel_stats_update(s, torch.randn(2, 3).double(), 0),
+            "float32, float16 or bfloat16",
+            TypeError,
+        ),
         (lambda s: cs.channel_stats_update(s, torch.randn(2, 3), -1), "sample_offset must be >= 0", ValueError),
         (lambda s: cs.channel_stats_update(s, torch.randn(2, 3, 0), 0), "non-empty spatial", ValueError),
         (lambda s: cs.channel_stats_update("state", torch.randn(2, 3), 0), "state must be", TypeError),
@@ -324,5 +339,6 @@ def test_quantile_outside_open_interval(q):
 def test_every_cpu_instruction_set(isa):
     """The reference comparisons on each copy of the cpp loops this CPU supports, on one thread
     (one sample group per channel) and on two (several groups per channel, merged)."""
-    run_on_cpu_isa(isa, __file__, "cpp and (matches_reference or channels_last or streaming or hypothesis)",
-                   threads=(1, 2))
+    run_on_cpu_isa(
+        isa, __file__, "cpp and (matches_reference or channels_last or streaming or hypothesis)", threads=(1, 2)
+    )

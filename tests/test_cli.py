@@ -22,8 +22,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    code = main(["train", "--data", "digits:8", "--loss", "fast", "--epochs", "2", "--batch-size", "128",
-                 "--lr", "3e-3", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits:8",
+            "--loss",
+            "fast",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "128",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -37,16 +52,48 @@ def test_train_writes_model_checkpoint_history(trained):
 
 
 def test_train_resumes(trained, capsys):
-    assert main(["train", "--data", "digits:8", "--loss", "fast", "--epochs", "3", "--batch-size", "128",
-                 "--out", str(trained)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits:8",
+                "--loss",
+                "fast",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "128",
+                "--out",
+                str(trained),
+            ]
+        )
+        == 0
+    )
     assert "resuming from" in capsys.readouterr().out
     history = json.loads((trained / "history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
 def test_ara_command(trained, tmp_path, capsys):
-    assert main(["ara", "--model", str(trained / "model.pt"), "--data", "digits:8", "--num-images", "20", "--steps", "30",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "ara",
+                "--model",
+                str(trained / "model.pt"),
+                "--data",
+                "digits:8",
+                "--num-images",
+                "20",
+                "--steps",
+                "30",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "misclassify-ARA" in out and "btr-ARA" in out
     report = json.loads((tmp_path / "ara.json").read_text())
@@ -60,8 +107,24 @@ def test_explain_command(trained, tmp_path):
 
     Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     out = tmp_path / "grid.png"
-    assert main(["explain", "--model", str(trained / "model.pt"), "--image", str(tmp_path / "in.png"),
-                 "--targets", "0,3", "--steps", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(trained / "model.pt"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--targets",
+                "0,3",
+                "--steps",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -74,21 +137,35 @@ def test_help_for_every_command():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ara", "--model", "/nonexistent/model.pt", "--data", "digits:8"], "model file '/nonexistent/model.pt' does not exist"),
-        (["ara", "--model", "MODEL", "--data", "cifar10:/nonexistent"], "CIFAR-10 folder '/nonexistent' does not exist"),
+        (
+            ["ara", "--model", "/nonexistent/model.pt", "--data", "digits:8"],
+            "model file '/nonexistent/model.pt' does not exist",
+        ),
+        (
+            ["ara", "--model", "MODEL", "--data", "cifar10:/nonexistent"],
+            "CIFAR-10 folder '/nonexistent' does not exist",
+        ),
         (["ara", "--model", "MODEL", "--data", "imagenet:/x"], "data must be 'digits'"),
         (["ara", "--model", "PICKLED", "--data", "digits:8"], "pass --trust-pickle"),
         (["ara", "--model", "BADOUT", "--data", "digits:8"], "the model must return (B, C) logits"),
-        (["explain", "--model", "MODEL", "--image", "/nonexistent.png"], "image file '/nonexistent.png' does not exist"),
-        (["train", "--data", "digits:8", "--loss", "consistent", "--consistent-layers", "nope", "--epochs", "1"],
-         "--consistent-layers: no layer named nope in small_cnn; layers: features"),
+        (
+            ["explain", "--model", "MODEL", "--image", "/nonexistent.png"],
+            "image file '/nonexistent.png' does not exist",
+        ),
+        (
+            ["train", "--data", "digits:8", "--loss", "consistent", "--consistent-layers", "nope", "--epochs", "1"],
+            "--consistent-layers: no layer named nope in small_cnn; layers: features",
+        ),
     ],
 )
 def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
     torch.save(nn.Flatten(), tmp_path / "pickled.pt")
     torch.jit.script(nn.Identity()).save(str(tmp_path / "badout.pt"))
-    subst = {"MODEL": str(trained / "model.pt"), "PICKLED": str(tmp_path / "pickled.pt"),
-             "BADOUT": str(tmp_path / "badout.pt")}
+    subst = {
+        "MODEL": str(trained / "model.pt"),
+        "PICKLED": str(tmp_path / "pickled.pt"),
+        "BADOUT": str(tmp_path / "badout.pt"),
+    }
     result = run_cli(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
@@ -96,12 +173,33 @@ def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
     assert not (tmp_path / "out").exists(), "a failed command wrote output"
 
 
-@pytest.mark.parametrize("loss, extra", [("robust", ["--activation", "half_huber", "--lipschitz-weight", "0.01"]),
-                                         ("consistent", ["--consistent-layers", "classifier.2"])])
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("robust", ["--activation", "half_huber", "--lipschitz-weight", "0.01"]),
+        ("consistent", ["--consistent-layers", "classifier.2"]),
+    ],
+)
 def test_train_with_paper_losses(loss, extra, tmp_path):
     out = tmp_path / loss
-    code = main(["train", "--data", "digits:8", "--loss", loss, "--epochs", "1", "--batch-size", "256",
-                 "--attack-steps", "2", "--out", str(out), *extra])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits:8",
+            "--loss",
+            loss,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "256",
+            "--attack-steps",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     history = json.loads((out / "history.json").read_text())["history"]
     assert np.isfinite(history[0]["train_loss"])

@@ -75,8 +75,10 @@ def test_hand_computed_max():
     assert r.topk_values_real.tolist() == [[5, 4], [3, 2]]
     assert r.topk_indices_adv.tolist() == [[0, 2], [3, 1]]
     assert r.topk_labels_adv.tolist() == [[1, 2], [0, 1]]
-    torch.testing.assert_close(r.label_distribution_real, torch.tensor([[1, 0, 0], [0, .5, .5]], dtype=torch.float64))
-    torch.testing.assert_close(r.label_distribution_adv, torch.tensor([[0, .5, .5], [.5, .5, 0]], dtype=torch.float64))
+    torch.testing.assert_close(r.label_distribution_real, torch.tensor([[1, 0, 0], [0, 0.5, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(
+        r.label_distribution_adv, torch.tensor([[0, 0.5, 0.5], [0.5, 0.5, 0]], dtype=torch.float64)
+    )
     torch.testing.assert_close(r.consistency_real, torch.tensor([1.0, 0.5], dtype=torch.float64))
     torch.testing.assert_close(r.consistency_adv, torch.tensor([0.5, 0.5], dtype=torch.float64))
     # together: channel 0 [5, 4 | 6, 2] -> 6 (adv), 5 (real): 1/2; channel 1 [3, 2 | 9, 2.5] -> 9, 3: 1/2
@@ -87,8 +89,7 @@ def test_hand_computed_max():
 def test_hand_computed_mean_predicted_labels_and_similarity():
     real, adv = loaders(batch_size=3)  # batches of 3 and 1
     a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, 0.5, 1.0]])
-    r = consistency(Controlled(), "feat", real, adv, topk=2, class_similarity=a, reduce="mean",
-                    real_labels="predicted")
+    r = consistency(Controlled(), "feat", real, adv, topk=2, class_similarity=a, reduce="mean", real_labels="predicted")
     # channel 0, mean: real [2.5, 1, 4, 0] -> images 2, 0 (predicted 2, 0);
     #   adv [3, 0, 2, 0] -> 0, 2 (1, 2)
     # channel 1, mean: real [0, 3, 1, 1] -> 1, then 2 and 3 tie at 1: the earlier (2) stays (2, 2)
@@ -110,8 +111,13 @@ def test_representation_consistency_is_the_mean_cosine_of_paired_outputs():
     expected = nn.functional.cosine_similarity(REAL_FEATURES.flatten(1), ADV_FEATURES.flatten(1), dim=1)
     torch.testing.assert_close(r.cosine, expected)
     assert r.representation_consistency == pytest.approx(float(expected.mean()), abs=1e-7)
-    direct = representation_consistency(Controlled(), "feat", make_images(REAL_FEATURES, REAL_PREDICTED),
-                                        make_images(ADV_FEATURES, ADV_PREDICTED), batch_size=3)
+    direct = representation_consistency(
+        Controlled(),
+        "feat",
+        make_images(REAL_FEATURES, REAL_PREDICTED),
+        make_images(ADV_FEATURES, ADV_PREDICTED),
+        batch_size=3,
+    )
     assert direct == pytest.approx(float(expected.mean()), abs=1e-7)
     summary = r.summary()
     assert summary["representation_consistency"] == r.representation_consistency

@@ -40,8 +40,7 @@ def test_formula_on_known_features(batch):
     h, h_adv = model[:3](x), model[:3](x_adv)
     term2 = ((h - h_adv).pow(2).sum(1) / 6).mean()
     torch.testing.assert_close(consistent_loss(model, x, x_adv, y, "0", lam=0.7), plain + 0.7 * term0)
-    torch.testing.assert_close(consistent_loss(model, x, x_adv, y, ["0", "2"], lam=2.0),
-                               plain + 2.0 * (term0 + term2))
+    torch.testing.assert_close(consistent_loss(model, x, x_adv, y, ["0", "2"], lam=2.0), plain + 2.0 * (term0 + term2))
     torch.testing.assert_close(consistent_loss(model, x, x_adv, y, ["0", "2"], lam=0.0), plain)
 
 
@@ -77,9 +76,14 @@ def test_drop_in_runs_in_the_trainer(batch):
     x, _, y = batch
     model = mlp()
     loader = [(x, y), (x.flip(0), y.flip(0))]
-    trainer = AdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                                 loss_fn=consistent_adversarial_loss(0.1, 0.03, 2, layers="2", lam=1.0),
-                                 epochs=1, progress=False)
+    trainer = AdversarialTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        loss_fn=consistent_adversarial_loss(0.1, 0.03, 2, layers="2", lam=1.0),
+        epochs=1,
+        progress=False,
+    )
     history = trainer.fit()
     assert len(history) == 1 and history[0]["train_loss"] > 0
 
@@ -87,10 +91,10 @@ def test_drop_in_runs_in_the_trainer(batch):
 def _train(loss_fn, epochs: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = SmallCNN(width=16, input_size=8)
-    loader = DataLoader(digits(8, "train"), batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    AdversarialTrainer(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loss_fn=loss_fn,
-                       epochs=epochs, progress=False).fit()
+    loader = DataLoader(digits(8, "train"), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    AdversarialTrainer(
+        model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loss_fn=loss_fn, epochs=epochs, progress=False
+    ).fit()
     return model.eval()
 
 
@@ -126,8 +130,11 @@ def test_training_with_the_consistent_loss_raises_representation_consistency():
         ({"x_adv": torch.rand(5, 3, 2, 2, dtype=torch.float64)}, TypeError, "x_adv must have the dtype of x"),
         ({"y": torch.zeros(4, dtype=torch.int64)}, ValueError, r"y must be an int64 tensor of shape \(5,\)"),
         ({"y": torch.zeros(5)}, ValueError, "y must be an int64 tensor"),
-        ({"x": torch.rand(0, 3, 2, 2), "x_adv": torch.rand(0, 3, 2, 2), "y": torch.zeros(0, dtype=torch.int64)},
-         ValueError, "at least one image"),
+        (
+            {"x": torch.rand(0, 3, 2, 2), "x_adv": torch.rand(0, 3, 2, 2), "y": torch.zeros(0, dtype=torch.int64)},
+            ValueError,
+            "at least one image",
+        ),
     ],
 )
 def test_bad_arguments(args, error, match, batch):

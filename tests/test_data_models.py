@@ -110,7 +110,9 @@ def test_model_files_load_safely(tmp_path):
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="bare state dict: name its architecture with --arch"):
         models.load_model(tmp_path / "sd.pt")
-    loaded = models.load_model(tmp_path / "sd.pt", arch="small_cnn", in_channels=1, num_classes=10, input_size=16, width=8)
+    loaded = models.load_model(
+        tmp_path / "sd.pt", arch="small_cnn", in_channels=1, num_classes=10, input_size=16, width=8
+    )
     torch.testing.assert_close(loaded(x), expected)
     with pytest.raises(ValueError, match="do not fit arch 'small_cnn'"):
         models.load_model(tmp_path / "sd.pt", arch="small_cnn", in_channels=1, num_classes=5, input_size=16, width=8)

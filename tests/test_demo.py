@@ -12,12 +12,37 @@ from pyadvk.cli import main
 @pytest.mark.slow
 def test_demo_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--epochs", "1", "--width", "4", "--train-steps", "1",
-                 "--eval-steps", "2", "--ara-images", "10", "--ara-steps", "10", "--explain-images", "1"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--train-steps",
+            "1",
+            "--eval-steps",
+            "2",
+            "--ara-images",
+            "10",
+            "--ara-steps",
+            "10",
+            "--explain-images",
+            "1",
+        ]
+    )
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["ara.png", "explanations_pgd-at.png", "explanations_robust.png",
-                     "explanations_standard.png", "fused_step.json", "results.json"]
+    assert names == [
+        "ara.png",
+        "explanations_pgd-at.png",
+        "explanations_robust.png",
+        "explanations_standard.png",
+        "fused_step.json",
+        "results.json",
+    ]
     for png in ("ara.png", "explanations_robust.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())

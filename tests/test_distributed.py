@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -54,13 +53,15 @@ def test_shard_sampler_partitions_without_padding():
 def _metrics_rank(rank, tmp):
     model = _model().eval()
     loader = distributed.shard_loader(_data(), batch_size=5, n=31)
-    acc = metrics.robust_accuracy(model, loader, PGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False),
-                                  progress=False)
+    acc = metrics.robust_accuracy(
+        model, loader, PGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False), progress=False
+    )
     result = metrics.ara(model, loader, n=None, steps=40, budget=2.0, progress=False)
     curve = metrics.robustness_curve(model, loader, [0.0, 0.1], steps=2, progress=False)
     if rank == 0:
-        torch.save({"acc": acc, "distances": result.distances, "ara": result.ara, "curve": curve.accuracy},
-                   f"{tmp}/out.pt")
+        torch.save(
+            {"acc": acc, "distances": result.distances, "ara": result.ara, "curve": curve.accuracy}, f"{tmp}/out.pt"
+        )
 
 
 def test_sharded_metrics_equal_one_process(tmp_path):
@@ -69,8 +70,9 @@ def test_sharded_metrics_equal_one_process(tmp_path):
     model = _model().eval()
     ds = torch.utils.data.Subset(_data(), range(31))
     loader = DataLoader(ds, batch_size=5)
-    acc = metrics.robust_accuracy(model, loader, PGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False),
-                                  progress=False)
+    acc = metrics.robust_accuracy(
+        model, loader, PGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False), progress=False
+    )
     result = metrics.ara(model, loader, n=None, steps=40, budget=2.0, progress=False)
     assert got["acc"] == acc
     assert got["distances"].numel() == 31  # no sample lost or counted twice
@@ -87,8 +89,15 @@ def _pgd_fixed_start(model, images, labels):
 def _train_rank(rank, tmp):
     model = _model()
     loader = distributed.shard_loader(_data(n=32), batch_size=4, shuffle=True, seed=1)
-    trainer = train.AdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                                       loss_fn=_pgd_fixed_start, epochs=2, checkpoint_dir=tmp, progress=False)
+    trainer = train.AdversarialTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        loss_fn=_pgd_fixed_start,
+        epochs=2,
+        checkpoint_dir=tmp,
+        progress=False,
+    )
     assert isinstance(trainer.model, nn.parallel.DistributedDataParallel)
     trainer.fit()
     weights = torch.cat([p.detach().flatten() for p in trainer.module.parameters()])
@@ -104,20 +113,23 @@ def test_ddp_training_equals_one_process_on_the_union_batches(tmp_path):
     same batches (mean losses, averaged gradients)."""
     _spawn(_train_rank, tmp_path)
     ddp_weights = torch.load(tmp_path / "weights.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "rendezvous", "weights.pt"] or \
-        sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "weights.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "rendezvous", "weights.pt"] or sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["checkpoint.pt", "weights.pt"]
     model = _model()
     sampler = distributed.ShardSampler(32, shuffle=True, seed=1, rank_=0, world=1)
     loader = DataLoader(_data(n=32), batch_size=8, sampler=sampler)
-    train.AdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                             loss_fn=_pgd_fixed_start, epochs=2, progress=False).fit()
+    train.AdversarialTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, loss_fn=_pgd_fixed_start, epochs=2, progress=False
+    ).fit()
     single = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(ddp_weights, single, rtol=0, atol=1e-5)
     # The checkpoint records its world size: resuming it in one process is refused clearly.
     model = _model()
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) but this run has 1"):
-        train.AdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                                 checkpoint_dir=str(tmp_path), progress=False)
+        train.AdversarialTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, checkpoint_dir=str(tmp_path), progress=False
+        )
 
 
 def _padding_sampler_rank(rank, tmp):
@@ -140,14 +152,58 @@ def test_padding_distributed_sampler_is_refused(tmp_path):
 def test_cli_under_torchrun_matches_one_process(tmp_path):
     """`pyadvk ara` runs unchanged under torchrun; the numbers equal a single process's."""
     model = tmp_path / "m"
-    assert subprocess.run([sys.executable, "-m", "pyadvk", "train", "--data", "digits:8", "--loss", "standard",
-                           "--epochs", "1", "--out", str(model)], capture_output=True, timeout=600).returncode == 0
-    args = ["ara", "--model", str(model / "model.pt"), "--data", "digits:8", "--num-images", "25", "--steps", "30",
-            "--criterion", "misclassify"]
+    assert (
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pyadvk",
+                "train",
+                "--data",
+                "digits:8",
+                "--loss",
+                "standard",
+                "--epochs",
+                "1",
+                "--out",
+                str(model),
+            ],
+            capture_output=True,
+            timeout=600,
+        ).returncode
+        == 0
+    )
+    args = [
+        "ara",
+        "--model",
+        str(model / "model.pt"),
+        "--data",
+        "digits:8",
+        "--num-images",
+        "25",
+        "--steps",
+        "30",
+        "--criterion",
+        "misclassify",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     one = subprocess.run([sys.executable, "-m", "pyadvk", *args], capture_output=True, text=True, env=env, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "pyadvk", *args], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "pyadvk",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     line = [ln for ln in one.stdout.splitlines() if ln.startswith("misclassify-ARA")]
     assert line and [ln for ln in two.stdout.splitlines() if ln.startswith("misclassify-ARA")] == line

@@ -20,8 +20,7 @@ BACKENDS = available(pgd_ops.STEP, "cpu")
 
 def small_model(seed=0, classes=10, batchnorm=False):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-              nn.Linear(8 * 4 * 4, classes)]
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, classes)]
     if batchnorm:
         layers.insert(1, nn.BatchNorm2d(8))
     return nn.Sequential(*layers)
@@ -74,8 +73,16 @@ def test_one_step_follows_the_sign_of_the_mixture_gradient(targeted, data):
     models = [small_model(s).eval() for s in range(3)]
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     alpha = 0.01
-    adv = EnsemblePGD(models, weights=weights.tolist(), eps=0.05, alpha=alpha, steps=1, random_start=False,
-                      targeted=targeted, backend="torch")(images, labels)
+    adv = EnsemblePGD(
+        models,
+        weights=weights.tolist(),
+        eps=0.05,
+        alpha=alpha,
+        steps=1,
+        random_start=False,
+        targeted=targeted,
+        backend="torch",
+    )(images, labels)
     x = images.double().requires_grad_(True)
     mixture = sum(w * torch.softmax(copy.deepcopy(m).double()(x), 1) for w, m in zip(weights, models))
     loss = -torch.log(mixture[torch.arange(len(labels)), labels]).mean()
@@ -138,8 +145,14 @@ def digit_models():
     train_x, train_y = digits(8, "train").tensors
     torch.manual_seed(0)
     a = _train(0, nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), train_x, train_y)
-    b = _train(1, nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                                nn.Linear(8 * 4 * 4, 10)), train_x, train_y)
+    b = _train(
+        1,
+        nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+        ),
+        train_x,
+        train_y,
+    )
     return a, b
 
 
@@ -167,8 +180,9 @@ def test_ensemble_fools_both_models_more_than_attacking_one(targeted, digit_mode
 
 
 def test_empty_batch_gives_an_empty_result():
-    out = EnsemblePGD([small_model()], eps=0.1, alpha=0.1, steps=2)(torch.rand(0, 3, 8, 8),
-                                                                      torch.zeros(0, dtype=torch.int64))
+    out = EnsemblePGD([small_model()], eps=0.1, alpha=0.1, steps=2)(
+        torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.int64)
+    )
     assert out.shape == (0, 3, 8, 8)
 
 

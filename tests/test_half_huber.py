@@ -49,17 +49,21 @@ def make(shape, dtype, seed, delta, n=1):
 
 @pytest.mark.parametrize("body", FUSED)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.sampled_from(SHAPES), dtype=st.sampled_from(DTYPES + [torch.float64]),
-       delta=st.sampled_from(DELTAS), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.sampled_from(SHAPES),
+    dtype=st.sampled_from(DTYPES + [torch.float64]),
+    delta=st.sampled_from(DELTAS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_ops_match_reference(body, shape, dtype, delta, seed):
     if body == "triton" and shape not in TRITON_SHAPES:
         shape = (3, 5)
     x, grad, gg = make(shape, dtype, seed, delta, n=2)
     ops = op_body(body)
-    assert_matches_reference(ops.forward(x, delta), hh.half_huber_relu_reference(x, delta),
-                             what=f"{body} forward")
-    assert_matches_reference(ops.backward(grad, x, delta),
-                             hh.half_huber_relu_backward_reference(grad, x, delta), what=f"{body} backward")
+    assert_matches_reference(ops.forward(x, delta), hh.half_huber_relu_reference(x, delta), what=f"{body} forward")
+    assert_matches_reference(
+        ops.backward(grad, x, delta), hh.half_huber_relu_backward_reference(grad, x, delta), what=f"{body} backward"
+    )
     got = ops.double_backward(gg, grad, x, delta)
     want = hh.half_huber_relu_double_backward_reference(gg, grad, x, delta)
     assert_matches_reference(got[0], want[0], what=f"{body} double backward (wrt grad)")
@@ -68,8 +72,12 @@ def test_ops_match_reference(body, shape, dtype, delta, seed):
 
 @pytest.mark.parametrize("body", BODIES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.sampled_from(TRITON_SHAPES), dtype=st.sampled_from(DTYPES),
-       delta=st.sampled_from(DELTAS), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.sampled_from(TRITON_SHAPES),
+    dtype=st.sampled_from(DTYPES),
+    delta=st.sampled_from(DELTAS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_autograd_matches_reference(body, shape, dtype, delta, seed):
     """The public function's first and second derivatives through autograd are the reference
     formulas, on every body."""
@@ -79,8 +87,9 @@ def test_autograd_matches_reference(body, shape, dtype, delta, seed):
     y = half_huber_relu(x, delta, backend=body)
     assert_matches_reference(y.detach(), hh.half_huber_relu_reference(x.detach(), delta), what="forward")
     (gx,) = torch.autograd.grad(y, x, grad_out, create_graph=True)
-    assert_matches_reference(gx.detach(), hh.half_huber_relu_backward_reference(grad_out.detach(), x.detach(), delta),
-                             what="backward")
+    assert_matches_reference(
+        gx.detach(), hh.half_huber_relu_backward_reference(grad_out.detach(), x.detach(), delta), what="backward"
+    )
     d_x, d_grad = torch.autograd.grad(gx, (x, grad_out), gg)
     want_grad, want_x = hh.half_huber_relu_double_backward_reference(gg, grad_out.detach(), x.detach(), delta)
     assert_matches_reference(d_x, want_x, what="double backward wrt x")
@@ -94,8 +103,9 @@ def test_reference_is_the_formula():
     f = torch.where(x < 0, 0.0, torch.where(x <= delta, x * x / (2 * delta), x - delta / 2))
     torch.testing.assert_close(hh.half_huber_relu_reference(x, delta), f, rtol=1e-15, atol=1e-15)
     fp = (x / delta).clamp(0, 1)
-    torch.testing.assert_close(hh.half_huber_relu_backward_reference(torch.ones_like(x), x, delta), fp,
-                               rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(
+        hh.half_huber_relu_backward_reference(torch.ones_like(x), x, delta), fp, rtol=1e-15, atol=1e-15
+    )
     fpp = torch.zeros_like(x).masked_fill((x > 0) & (x < delta), 1 / delta)
     _, got = hh.half_huber_relu_double_backward_reference(torch.ones_like(x), torch.ones_like(x), x, delta)
     torch.testing.assert_close(got, fpp, rtol=1e-15, atol=1e-15)
@@ -105,8 +115,10 @@ def test_reference_is_the_formula():
     num = (hh.half_huber_relu_reference(x + h, delta) - hh.half_huber_relu_reference(x - h, delta)) / (2 * h)
     torch.testing.assert_close(num[away], fp[away], rtol=0, atol=1e-8)
     ones = torch.ones_like(x)
-    num2 = (hh.half_huber_relu_backward_reference(ones, x + h, delta)
-            - hh.half_huber_relu_backward_reference(ones, x - h, delta)) / (2 * h)
+    num2 = (
+        hh.half_huber_relu_backward_reference(ones, x + h, delta)
+        - hh.half_huber_relu_backward_reference(ones, x - h, delta)
+    ) / (2 * h)
     torch.testing.assert_close(num2[away], fpp[away], rtol=0, atol=1e-6)
 
 
@@ -175,10 +187,12 @@ def test_gradcheck_of_the_backward_ops(body):
     g = torch.randn(2, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     gg = torch.randn(2, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.backward(a, b, delta), (g, x), eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.double_backward(a, b, c, delta), (gg, g, x),
-                                    eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradgradcheck(lambda a, b, c: ops.double_backward(a, b, c, delta), (gg, g, x),
-                                        eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.double_backward(a, b, c, delta), (gg, g, x), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: ops.double_backward(a, b, c, delta), (gg, g, x), eps=1e-6, atol=1e-7
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,14 +321,17 @@ def test_models_build_with_half_huber():
 # Bad input.
 
 
-@pytest.mark.parametrize("delta, err, match", [
-    (0.0, ValueError, r"delta must be > 0.0, got 0.0"),
-    (-0.5, ValueError, r"delta must be > 0.0, got -0.5"),
-    (math.nan, ValueError, "delta must not be NaN"),
-    (math.inf, ValueError, "delta must be finite, got inf"),
-    (True, TypeError, "delta must be a real number, got bool"),
-    ("0.5", TypeError, "delta must be a real number, got str"),
-])
+@pytest.mark.parametrize(
+    "delta, err, match",
+    [
+        (0.0, ValueError, r"delta must be > 0.0, got 0.0"),
+        (-0.5, ValueError, r"delta must be > 0.0, got -0.5"),
+        (math.nan, ValueError, "delta must not be NaN"),
+        (math.inf, ValueError, "delta must be finite, got inf"),
+        (True, TypeError, "delta must be a real number, got bool"),
+        ("0.5", TypeError, "delta must be a real number, got str"),
+    ],
+)
 def test_bad_delta(delta, err, match):
     with pytest.raises(err, match=match):
         half_huber_relu(torch.randn(3), delta)
@@ -343,7 +360,9 @@ def test_compiled_op_argument_checks():
     x = torch.randn(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match=r"half_huber_relu: delta must be finite and > 0, got 0"):
         ops.half_huber_relu(x, 0.0)
-    with pytest.raises(RuntimeError, match=r"half_huber_relu: x must be float32, float16, bfloat16 or float64, got Int"):
+    with pytest.raises(
+        RuntimeError, match=r"half_huber_relu: x must be float32, float16, bfloat16 or float64, got Int"
+    ):
         ops.half_huber_relu(torch.ones(3, dtype=torch.int32), 0.5)
     with pytest.raises(RuntimeError, match="x must be non-overlapping and dense"):
         ops.half_huber_relu(x[..., ::2], 0.5)

@@ -19,15 +19,19 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 @pytest.mark.parametrize("body", GPU_BACKENDS)
 @settings(max_examples=60, deadline=None)
-@given(shape=st.sampled_from(SHAPES + [(128, 64, 32, 32), (3, 3, 223, 221)]),
-       dtype=st.sampled_from(DTYPES + [torch.float64]), delta=st.sampled_from(DELTAS),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.sampled_from(SHAPES + [(128, 64, 32, 32), (3, 3, 223, 221)]),
+    dtype=st.sampled_from(DTYPES + [torch.float64]),
+    delta=st.sampled_from(DELTAS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_ops_match_reference_on_gpu(body, shape, dtype, delta, seed):
     x, grad, gg = (t.cuda() for t in make(shape, dtype, seed, delta, n=2))
     ops = op_body(body)
     assert_matches_reference(ops.forward(x, delta), hh.half_huber_relu_reference(x, delta), what=f"{body} forward")
-    assert_matches_reference(ops.backward(grad, x, delta), hh.half_huber_relu_backward_reference(grad, x, delta),
-                             what=f"{body} backward")
+    assert_matches_reference(
+        ops.backward(grad, x, delta), hh.half_huber_relu_backward_reference(grad, x, delta), what=f"{body} backward"
+    )
     got = ops.double_backward(gg, grad, x, delta)
     want = hh.half_huber_relu_double_backward_reference(gg, grad, x, delta)
     assert_matches_reference(got[0], want[0], what=f"{body} double backward (wrt grad)")

@@ -12,9 +12,16 @@ from pyadvk.stats import influential_neurons
 
 def conv_model(seed=0, batchnorm=True):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(3, 7, 3, padding=1), nn.BatchNorm2d(7) if batchnorm else nn.Identity(), nn.ReLU(),
-              nn.Conv2d(7, 5, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-              nn.Linear(5, 4)]
+    layers = [
+        nn.Conv2d(3, 7, 3, padding=1),
+        nn.BatchNorm2d(7) if batchnorm else nn.Identity(),
+        nn.ReLU(),
+        nn.Conv2d(7, 5, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    ]
     model = nn.Sequential(*layers)
     if batchnorm:  # non-trivial running statistics
         with torch.no_grad():
@@ -36,6 +43,7 @@ def naive_pd(model, layer, x, target):
         model(x)
         h.remove()
         for n in range(shapes[0][1]):
+
             def zero(m, i, o, n=n):
                 o = o.clone()
                 o[:, n] = 0

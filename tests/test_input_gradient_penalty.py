@@ -53,8 +53,9 @@ def test_linear_model_closed_form(zeta, p, reduction):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(32, 6, dtype=torch.float64, generator=gen)
     y = torch.randint(4, (32,), generator=gen)
-    got = input_gradient_penalty(model, x, y, zeta=zeta, p=p, reduction=reduction,
-                                 generator=torch.Generator().manual_seed(9))
+    got = input_gradient_penalty(
+        model, x, y, zeta=zeta, p=p, reduction=reduction, generator=torch.Generator().manual_seed(9)
+    )
     want, margin = closed_form_linear(model, x, y, zeta, p, 9, reduction)
     torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
     if zeta == 0:
@@ -77,8 +78,12 @@ def test_sum_is_d_times_mean():
 def small_net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), HalfHuberReLU(0.5), nn.Flatten(), nn.Linear(3 * 5 * 5, 4),
-        HalfHuberReLU(0.3), nn.Linear(4, 3),
+        nn.Conv2d(2, 3, 3, padding=1),
+        HalfHuberReLU(0.5),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 4),
+        HalfHuberReLU(0.3),
+        nn.Linear(4, 3),
     ).double()
 
 
@@ -95,6 +100,7 @@ def test_matches_explicit_jacobian(zeta, p):
     j, margin = draws(5, 3, zeta, 11)
     rows = []
     for b in range(5):
+
         def score(xb, b=b):
             z = net(xb[None])[0]
             if margin[b]:
@@ -102,6 +108,7 @@ def test_matches_explicit_jacobian(zeta, p):
                 mask[y[b]] = True
                 return z[y[b]] - z.masked_fill(mask, -math.inf).max()
             return z[j[b]]
+
         jac = torch.autograd.functional.jacobian(score, x[b])
         h = 1e-6
         e = torch.zeros_like(x[b]).view(-1)
@@ -341,8 +348,14 @@ def test_penalty_same_on_every_half_huber_body(body):
 
     def net_with(backend):
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), HalfHuberReLU(0.5, backend=backend), nn.Flatten(),
-                             nn.Linear(4 * 5 * 5, 6), HalfHuberReLU(0.3, backend=backend), nn.Linear(6, 3))
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            HalfHuberReLU(0.5, backend=backend),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 6),
+            HalfHuberReLU(0.3, backend=backend),
+            nn.Linear(6, 3),
+        )
 
     x = torch.rand(4, 2, 5, 5, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 1])

@@ -91,8 +91,13 @@ def test_other_padding_modes(mode, padding):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    cin=st.integers(1, 4), cout=st.integers(1, 4), k=st.sampled_from([1, 3, 5]),
-    n=st.integers(5, 8), m=st.integers(5, 8), dil=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
+    cin=st.integers(1, 4),
+    cout=st.integers(1, 4),
+    k=st.sampled_from([1, 3, 5]),
+    n=st.integers(5, 8),
+    m=st.integers(5, 8),
+    dil=st.integers(1, 2),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_circular_matches_per_frequency_svd(cin, cout, k, n, m, dil, seed):
     """Circular padding keeping the size, stride 1: the layer is a circulant operator whose norm is
@@ -190,7 +195,9 @@ def test_bad_input():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     with pytest.raises(ValueError, match=r"input_shape must be \(C_in, H, W\) .* got \(3, 8\)"):
         conv_operator_norm(conv, (3, 8))
-    with pytest.raises(ValueError, match=r"input_shape \(2, 8, 8\) does not fit .*Conv2d.*2 channels, the layer takes 3"):
+    with pytest.raises(
+        ValueError, match=r"input_shape \(2, 8, 8\) does not fit .*Conv2d.*2 channels, the layer takes 3"
+    ):
         conv_norm_bound(conv, (2, 8, 8))
     with pytest.raises(ValueError, match=r"input_shape must be .* got \(1, 3, 8, 8\)"):
         conv_operator_norm(conv, (1, 3, 8, 8))
@@ -205,7 +212,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="conv must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got Linear"):
         conv_operator_norm(nn.Linear(3, 3), (3,))
     _, state = conv_operator_norm(conv, (3, 8, 8), 1)
-    with pytest.raises(ValueError, match=r"state holds vectors for input shape \(3, 8, 8\), not input_shape \(3, 9, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"state holds vectors for input shape \(3, 8, 8\), not input_shape \(3, 9, 9\)"
+    ):
         conv_operator_norm(conv, (3, 9, 9), 1, state=state)
     with pytest.raises(ValueError, match="weight must have the shape of conv.weight"):
         conv_operator_norm(conv, (3, 8, 8), 1, weight=torch.randn(4, 3, 2, 2))

@@ -21,7 +21,6 @@ from pyadvk.lipschitz import model as lip_model
 from pyadvk.nn import spectral_norm
 from tests.test_lipschitz_conv import true_norm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -39,10 +38,15 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def small_resnet() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
         models.BasicBlock(8, 8, 1, "relu"),
         models.BasicBlock(8, 12, 2, "relu"),
-        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
     )
     return randomize_bn(net)
 
@@ -52,8 +56,16 @@ def small_models():
     yield "small_cnn", models.SmallCNN(in_channels=1, input_size=8, width=4).eval(), (1, 8, 8)
     yield "resnet_blocks", small_resnet(), (2, 8, 8)
     torch.manual_seed(2)
-    seq = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2), nn.LeakyReLU(0.1), nn.AvgPool1d(2), nn.Flatten(),
-                        nn.Linear(4 * 3, 6), nn.Tanh(), nn.Dropout(0.2), nn.Linear(6, 2)).eval()
+    seq = nn.Sequential(
+        nn.Conv1d(3, 4, 3, stride=2),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool1d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3, 6),
+        nn.Tanh(),
+        nn.Dropout(0.2),
+        nn.Linear(6, 2),
+    ).eval()
     yield "seq1d", seq, (3, 14)
     torch.manual_seed(3)
     yield "linear_only", nn.Sequential(nn.Linear(7, 9), nn.GELU(), nn.Linear(9, 3)).eval(), (7,)
@@ -107,13 +119,18 @@ def test_bound_residual_rule_exact_for_linear_block():
 
 def test_spectral_norms_methods():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, stride=2),
-                          nn.Flatten(), nn.Linear(3 * 2 * 2, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, stride=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)
+    )
     shape = (2, 6, 6)
-    exact = {"0": true_norm(model[0], (2, 6, 6)), "2": true_norm(model[2], (3, 6, 6)),
-             "4": float(torch.linalg.matrix_norm(model[4].weight.detach().double(), ord=2))}
-    reshaped_exact = {n: float(torch.linalg.matrix_norm(model[int(n)].weight.detach().double().flatten(1), ord=2))
-                      for n in exact}
+    exact = {
+        "0": true_norm(model[0], (2, 6, 6)),
+        "2": true_norm(model[2], (3, 6, 6)),
+        "4": float(torch.linalg.matrix_norm(model[4].weight.detach().double(), ord=2)),
+    }
+    reshaped_exact = {
+        n: float(torch.linalg.matrix_norm(model[int(n)].weight.detach().double().flatten(1), ord=2)) for n in exact
+    }
     state = SpectralNormState(torch.Generator().manual_seed(0))
     power = spectral_norms(model, shape, "power", 1000, state=state)
     gram = spectral_norms(model, shape, "gram", 8)
@@ -228,7 +245,7 @@ def test_spectral_norm_conv_true_norm():
     assert conv.parametrizations.weight.original.grad is not None
     conv.eval()
     u = conv.parametrizations.weight[0]._u.clone()
-    conv.weight
+    _ = conv.weight  # recomputes the parametrization
     assert torch.equal(u, conv.parametrizations.weight[0]._u)
     assert "parametrizations.weight.0._v" in conv.state_dict()
 
@@ -270,5 +287,4 @@ def test_bad_input():
     with pytest.raises(TypeError, match="no true operator norm for transposed convolutions"):
         spectral_norm(nn.ConvTranspose2d(3, 4, 3), input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="BatchNorm '1' keeps no running statistics"):
-        lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)),
-                        (3, 4, 4))
+        lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)), (3, 4, 4))

@@ -23,8 +23,7 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2),
-                                      nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.ReLU())
         self.head = nn.Linear(3 * 3 * 3, 5)
 
     def forward(self, x):
@@ -41,8 +40,10 @@ def _data(n=23, seed=0):
 def _stored_activations(model, images):
     acts = {}
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o.detach()))
-               for name in LAYERS]
+    handles = [
+        modules[name].register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o.detach()))
+        for name in LAYERS
+    ]
     with torch.no_grad():
         model(images)
     for h in handles:
@@ -162,7 +163,11 @@ def test_merge_and_load_reject_other_configurations(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(layers=["features.9"]), ValueError, r"'features.9' is not a submodule of the model; valid names: features, features.0"),
+        (
+            dict(layers=["features.9"]),
+            ValueError,
+            r"'features.9' is not a submodule of the model; valid names: features, features.0",
+        ),
         (dict(layers=[]), ValueError, "at least one"),
         (dict(layers=["head", "head"]), ValueError, "must not repeat"),
         (dict(topk=0), ValueError, "topk must be >= 1, got 0"),

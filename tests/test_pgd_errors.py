@@ -22,9 +22,21 @@ def _inputs(shape=(2, 3, 4)):
 
 CASES = [
     (dict(x_orig=torch.rand(2, 3, 5)), ValueError, r"x_orig must have the shape of x_adv \(2, 3, 4\), got \(2, 3, 5\)"),
-    (dict(grad=torch.rand(2, 3, 4, dtype=torch.float64)), TypeError, "grad must be float32, float16 or bfloat16, got torch.float64"),
-    (dict(grad=torch.rand(2, 3, 4).half()), TypeError, r"grad must have the dtype of x_adv \(torch.float32\), got torch.float16"),
-    (dict(x_adv=torch.randint(0, 5, (2, 3, 4))), TypeError, "x_adv must be float32, float16 or bfloat16, got torch.int64"),
+    (
+        dict(grad=torch.rand(2, 3, 4, dtype=torch.float64)),
+        TypeError,
+        "grad must be float32, float16 or bfloat16, got torch.float64",
+    ),
+    (
+        dict(grad=torch.rand(2, 3, 4).half()),
+        TypeError,
+        r"grad must have the dtype of x_adv \(torch.float32\), got torch.float16",
+    ),
+    (
+        dict(x_adv=torch.randint(0, 5, (2, 3, 4))),
+        TypeError,
+        "x_adv must be float32, float16 or bfloat16, got torch.int64",
+    ),
     (dict(x_adv=[[0.0]]), TypeError, "x_adv must be a torch.Tensor, got list"),
     (dict(x_adv=torch.tensor(0.5)), ValueError, r"x_adv must have at least 1 dim\(s\), got shape \(\)"),
     (dict(eps=-0.1), ValueError, "eps must be >= 0.0, got -0.1"),
@@ -34,8 +46,17 @@ CASES = [
     (dict(norm="l1"), ValueError, "norm must be one of 'linf', 'l2'; got 'l1'"),
     (dict(lower=1.0, upper=0.0), ValueError, "lower must be < upper, got lower=1.0, upper=0.0"),
     (dict(lower=0.5, upper=0.5), ValueError, "lower must be < upper"),
-    (dict(eps=torch.ones(3)), ValueError, r"eps must be a float or a floating tensor of shape \(2,\) \(one value per sample\), got a torch.float32 tensor of shape \(3,\)"),
-    (dict(eps=torch.ones(2, dtype=torch.long)), ValueError, r"eps must be a float or a floating tensor of shape \(2,\)"),
+    (
+        dict(eps=torch.ones(3)),
+        ValueError,
+        r"eps must be a float or a floating tensor of shape \(2,\) \(one value per sample\), "
+        r"got a torch.float32 tensor of shape \(3,\)",
+    ),
+    (
+        dict(eps=torch.ones(2, dtype=torch.long)),
+        ValueError,
+        r"eps must be a float or a floating tensor of shape \(2,\)",
+    ),
     (dict(eps=torch.tensor([0.1, -0.2])), ValueError, "eps must be >= 0 for every sample, got -0.2.* for sample 1"),
     (dict(alpha=torch.tensor([0.1, 0.0])), ValueError, "alpha must be > 0 for every sample, got 0.0 for sample 1"),
     (dict(alpha=torch.tensor([math.nan, 0.1])), ValueError, "alpha must be > 0 for every sample, got nan for sample 0"),
@@ -78,7 +99,9 @@ def test_compiled_ops_check_their_arguments():
     """Called directly, the C++ bodies check with TORCH_CHECK and a message too."""
     x_adv, x_orig, grad = _inputs()
     op = torch.ops.pyadvk.pgd_step_linf
-    with pytest.raises(RuntimeError, match=r"pgd_step_linf: grad must have the shape of x_adv \[2, 3, 4\], got \[2, 3\]"):
+    with pytest.raises(
+        RuntimeError, match=r"pgd_step_linf: grad must have the shape of x_adv \[2, 3, 4\], got \[2, 3\]"
+    ):
         op(x_adv, x_orig, grad[:, :, 0], 0.1, 0.1, None, None, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="pgd_step_linf: eps must be >= 0, got -1"):
         op(x_adv, x_orig, grad, -1.0, 0.1, None, None, 0.0, 1.0)

@@ -90,8 +90,13 @@ def test_inductor_compiles_the_step(backend):
 @pytest.mark.parametrize("cls, norm, eps, alpha", [(PGD, "linf", 8 / 255, 2 / 255), (PGDL2, "l2", 0.5, 0.1)])
 def test_attacks_match_torchattacks_on_gpu(backend, cls, norm, eps, alpha):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 16 * 16, 10)).cuda().eval()
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10)
+        )
+        .cuda()
+        .eval()
+    )
     images = torch.rand(32, 3, 16, 16, device="cuda")
     labels = torch.randint(0, 10, (32,), device="cuda")
     ours = cls(model, eps=eps, alpha=alpha, steps=10, random_start=False, backend=backend)(images, labels)
@@ -104,14 +109,28 @@ def test_attacks_match_torchattacks_on_gpu(backend, cls, norm, eps, alpha):
 def test_cuda_graph_attack_equals_eager(norm, decay):
     """The CUDA-graph attack replays exactly the eager steps (same images, same step count)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
-    ).cuda().eval()
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 10),
+        )
+        .cuda()
+        .eval()
+    )
     images = torch.rand(32, 3, 16, 16, device="cuda")
     labels = torch.randint(0, 10, (32,), device="cuda")
-    kw = dict(eps=8 / 255 if norm == "linf" else 0.5, alpha=2 / 255 if norm == "linf" else 0.1,
-              steps=7, random_start=False, norm=norm, decay=decay)
+    kw = dict(
+        eps=8 / 255 if norm == "linf" else 0.5,
+        alpha=2 / 255 if norm == "linf" else 0.1,
+        steps=7,
+        random_start=False,
+        norm=norm,
+        decay=decay,
+    )
     eager = PGD(model, **kw)(images, labels)
     graphed = PGD(model, cuda_graph=True, **kw)(images, labels)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
@@ -129,8 +148,9 @@ def test_fast_mode_robust_accuracy_close_to_fp32():
     fast_model = models.resnet18().cuda().eval()
     fast_model.load_state_dict(model.state_dict())
     fast_model = fast_model.to(memory_format=torch.channels_last)
-    fast = PGD(fast_model, steps=10, random_start=False, channels_last=True, autocast=torch.bfloat16,
-               cuda_graph=True)(images, labels)
+    fast = PGD(fast_model, steps=10, random_start=False, channels_last=True, autocast=torch.bfloat16, cuda_graph=True)(
+        images, labels
+    )
     with torch.no_grad():
         acc_exact = (model(exact).argmax(1) == labels).float().mean().item()
         acc_fast = (model(fast).argmax(1) == labels).float().mean().item()

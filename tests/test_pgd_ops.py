@@ -19,8 +19,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Shapes no block size divides, a batch of 1, images, flat vectors, one value per sample.
 SHAPES = st.sampled_from(
-    [(1, 1), (1, 7), (3, 1), (2, 3, 5, 7), (5, 3, 4, 4), (1, 3, 17, 19), (4, 1000), (2, 4100),
-     (3, 2, 3, 4, 5), (7,), (2, 16385)]
+    [
+        (1, 1),
+        (1, 7),
+        (3, 1),
+        (2, 3, 5, 7),
+        (5, 3, 4, 4),
+        (1, 3, 17, 19),
+        (4, 1000),
+        (2, 4100),
+        (3, 2, 3, 4, 5),
+        (7,),
+        (2, 16385),
+    ]
 )
 
 
@@ -57,10 +68,23 @@ step_cases = dict(
 )
 
 
-def _step_args(shape, dtype, norm, eps, alpha, per_sample_eps, per_sample_alpha, box, nan_grad,
-               zero_grad_sample, seed, device="cpu"):
-    x_adv, x_orig, grad = make_inputs(shape, dtype, seed, nan_grad=nan_grad,
-                                      zero_grad_sample=zero_grad_sample, device=device)
+def _step_args(
+    shape,
+    dtype,
+    norm,
+    eps,
+    alpha,
+    per_sample_eps,
+    per_sample_alpha,
+    box,
+    nan_grad,
+    zero_grad_sample,
+    seed,
+    device="cpu",
+):
+    x_adv, x_orig, grad = make_inputs(
+        shape, dtype, seed, nan_grad=nan_grad, zero_grad_sample=zero_grad_sample, device=device
+    )
     batch = shape[0]
     if per_sample_eps and math.isfinite(eps):
         eps = per_sample(eps, batch, seed, device)
@@ -89,16 +113,19 @@ def test_cpp_l2_schedules(two_threads, dtype):
     """The cpp l2 step runs sample at a time when a sample fits its cache budget (2 MiB of inputs)
     and there are at least as many samples as threads, and in two phases over tiles otherwise.
     Both give the same bits (same summation order) and both match the reference."""
-    (x_adv, x_orig, grad), kw = _step_args((4, 3, 40, 40), dtype, "l2", 0.5, 0.3, True, False,
-                                           (0.0, 1.0), True, False, seed=11)
+    (x_adv, x_orig, grad), kw = _step_args(
+        (4, 3, 40, 40), dtype, "l2", 0.5, 0.3, True, False, (0.0, 1.0), True, False, seed=11
+    )
     batched = pgd_step(x_adv, x_orig, grad, backend="cpp", **kw)  # 4 samples, 2 threads: per sample
     for b in range(4):  # a batch of 1 on 2 threads: two phases
-        one = pgd_step(x_adv[b:b + 1], x_orig[b:b + 1], grad[b:b + 1], backend="cpp",
-                       **{**kw, "eps": kw["eps"][b:b + 1]})
-        assert torch.equal(one, batched[b:b + 1])
+        one = pgd_step(
+            x_adv[b : b + 1], x_orig[b : b + 1], grad[b : b + 1], backend="cpp", **{**kw, "eps": kw["eps"][b : b + 1]}
+        )
+        assert torch.equal(one, batched[b : b + 1])
     # Samples over the budget in float32 (2.2 MB), under it in 16 bits (1.1 MB).
-    (x_adv, x_orig, grad), kw = _step_args((3, 183000), dtype, "l2", 2.0, 0.5, False, True,
-                                           (0.0, 1.0), False, True, seed=12)
+    (x_adv, x_orig, grad), kw = _step_args(
+        (3, 183000), dtype, "l2", 2.0, 0.5, False, True, (0.0, 1.0), False, True, seed=12
+    )
     ref = pgd_step(x_adv, x_orig, grad, backend="torch", **kw)
     assert_matches_reference(pgd_step(x_adv, x_orig, grad, backend="cpp", **kw), ref, what="cpp l2")
 
@@ -155,8 +182,9 @@ def test_step_semantics(backend):
     torch.testing.assert_close(out, torch.tensor([[0.52, 0.54, 1.0, 0.0]]), rtol=0, atol=1e-7)
     # l2: a step of 5 along (3, 4)/5 from the origin, projected onto the ball of radius 2.5.
     x0 = torch.zeros(1, 2)
-    out = pgd_step(x0, x0, torch.tensor([[3.0, 4.0]]), eps=2.5, alpha=5.0, norm="l2",
-                   lower=-10, upper=10, backend=backend)
+    out = pgd_step(
+        x0, x0, torch.tensor([[3.0, 4.0]]), eps=2.5, alpha=5.0, norm="l2", lower=-10, upper=10, backend=backend
+    )
     torch.testing.assert_close(out, torch.tensor([[1.5, 2.0]]), rtol=0, atol=1e-6)
 
 
@@ -172,8 +200,14 @@ def test_empty_batch(backend, norm):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=25, deadline=None)
-@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), norm=st.sampled_from(pgd_ops.NORMS),
-       eps=st.sampled_from([0.0, 0.03, 1.0]), per_sample_eps=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=SHAPES,
+    dtype=st.sampled_from(DTYPES),
+    norm=st.sampled_from(pgd_ops.NORMS),
+    eps=st.sampled_from([0.0, 0.03, 1.0]),
+    per_sample_eps=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_random_init_matches_reference(backend, shape, dtype, norm, eps, per_sample_eps, seed):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     if per_sample_eps:

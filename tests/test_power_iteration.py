@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyadvk.ops import power_iteration
-from pyadvk.ops.power_iteration import POWER_ITERATION, power_iteration_reference
+from pyadvk.ops.power_iteration import POWER_ITERATION
 from tests.conftest import available
 from tests.utils import ISA_ORDER, run_on_cpu_isa
 
@@ -19,8 +19,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Shapes no block size divides, rows and columns, a conv kernel (4-D), tall and wide; (1100, 150)
 # gets two column tasks on the cpp body in float32 (a task holds at most 512 KiB of W) and one in
 # 16 bits.
-SHAPES = [(1, 7), (7, 1), (1, 1), (3, 5), (17, 33), (65, 513), (10, 64), (8, 3, 3, 3), (513, 17),
-          (6, 2, 5), (1100, 150)]
+SHAPES = [
+    (1, 7),
+    (7, 1),
+    (1, 1),
+    (3, 5),
+    (17, 33),
+    (65, 513),
+    (10, 64),
+    (8, 3, 3, 3),
+    (513, 17),
+    (6, 2, 5),
+    (1100, 150),
+]
 
 
 def make_case(shapes, dtype, seed, zero=()):
@@ -40,10 +51,10 @@ def assert_close_sigma(out, ref, what):
     torch.testing.assert_close(s, rs, rtol=2e-5, atol=1e-6, msg=lambda m: f"{what} sigma: {m}")
     for i, (a, b) in enumerate(zip(u, ru)):
         assert a.shape == b.shape and a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what} u[{i}]: {m}")
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, i=i: f"{what} u[{i}]: {m}")
     for i, (a, b) in enumerate(zip(v, rv)):
         assert a.shape == b.shape and a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what} v[{i}]: {m}")
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, i=i: f"{what} v[{i}]: {m}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -19,8 +19,12 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @settings(max_examples=50, deadline=None)
-@given(shapes=st.lists(st.sampled_from(SHAPES + [(512, 4608), (4097, 3)]), min_size=1, max_size=6),
-       dtype=st.sampled_from(DTYPES), n_iters=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+@given(
+    shapes=st.lists(st.sampled_from(SHAPES + [(512, 4608), (4097, 3)]), min_size=1, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    n_iters=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_matches_reference_on_gpu(backend, shapes, dtype, n_iters, seed):
     ws, us = make_case(shapes, dtype, seed, zero=(0,) if len(shapes) > 1 else ())
     ws, us = [w.cuda() for w in ws], [u.cuda() for u in us]

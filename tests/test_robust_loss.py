@@ -28,8 +28,7 @@ def test_loss_is_ce_plus_psi_times_penalty_without_attack():
     loss_fn = train.RobustLoss(steps=0, generator=torch.Generator().manual_seed(3))
     loss = loss_fn(model, x, y)
     # the same penalty draw, the psi after one update with this batch's cross-entropy
-    pen, logits = input_gradient_penalty(model, x, y, generator=torch.Generator().manual_seed(3),
-                                         return_logits=True)
+    pen, logits = input_gradient_penalty(model, x, y, generator=torch.Generator().manual_seed(3), return_logits=True)
     ce = nn.functional.cross_entropy(logits, y)
     psi = AdaptivePsi()
     psi.update(ce.detach())
@@ -52,10 +51,16 @@ def test_psi_state_is_checkpointed_and_resumed(tmp_path):
     def make(epochs):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        loss_fn = train.RobustLoss(steps=1, eps=0.1, alpha=0.1, generator=torch.Generator().manual_seed(0),
-                                   psi=AdaptivePsi(psi0=1.0, k=0.5, target_loss=5.0))
-        return train.AdversarialTrainer(model, opt, loader, loss_fn=loss_fn, epochs=epochs,
-                                        checkpoint_dir=str(tmp_path), progress=False)
+        loss_fn = train.RobustLoss(
+            steps=1,
+            eps=0.1,
+            alpha=0.1,
+            generator=torch.Generator().manual_seed(0),
+            psi=AdaptivePsi(psi0=1.0, k=0.5, target_loss=5.0),
+        )
+        return train.AdversarialTrainer(
+            model, opt, loader, loss_fn=loss_fn, epochs=epochs, checkpoint_dir=str(tmp_path), progress=False
+        )
 
     first = make(1)
     first.fit()
@@ -67,8 +72,9 @@ def test_psi_state_is_checkpointed_and_resumed(tmp_path):
 
 def test_lipschitz_term_and_errors():
     model, (x, y) = tiny_model(), tiny_data()
-    with_lip = train.RobustLoss(steps=0, lipschitz_weight=0.5, model=model, input_shape=(1, 6, 6),
-                                generator=torch.Generator().manual_seed(0))
+    with_lip = train.RobustLoss(
+        steps=0, lipschitz_weight=0.5, model=model, input_shape=(1, 6, 6), generator=torch.Generator().manual_seed(0)
+    )
     plain = train.RobustLoss(steps=0, generator=torch.Generator().manual_seed(0))
     total, base = with_lip(model, x, y), plain(model, x, y)
     pen = LipschitzPenalty(model, (1, 6, 6))  # same seed and iterations as the one inside with_lip
@@ -93,8 +99,15 @@ def _robust_rank(rank, tmp):
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(tiny_model())
     x, y = tiny_data(16, seed=rank)  # each rank its own shard
-    loss_fn = train.RobustLoss(steps=1, eps=0.1, alpha=0.1, lipschitz_weight=0.1, model=model,
-                               input_shape=(1, 6, 6), generator=torch.Generator().manual_seed(rank))
+    loss_fn = train.RobustLoss(
+        steps=1,
+        eps=0.1,
+        alpha=0.1,
+        lipschitz_weight=0.1,
+        model=model,
+        input_shape=(1, 6, 6),
+        generator=torch.Generator().manual_seed(rank),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(2):
         loss = loss_fn(model, x, y)

@@ -17,8 +17,7 @@ from pyadvk.data import digits
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyadvk", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    return subprocess.run([sys.executable, "-m", "pyadvk", *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +29,33 @@ def model_file(tmp_path_factory):
     return path
 
 
-ARGS = ["--data", "digits:8", "--layers", "features.1,features.8,classifier.2", "--num-images", "37",
-        "--batch-size", "10", "--topk", "4", "--quantile", "0.01", "--bins", "16", "--quiet"]
+ARGS = [
+    "--data",
+    "digits:8",
+    "--layers",
+    "features.1,features.8,classifier.2",
+    "--num-images",
+    "37",
+    "--batch-size",
+    "10",
+    "--topk",
+    "4",
+    "--quantile",
+    "0.01",
+    "--bins",
+    "16",
+    "--quiet",
+]
 
 
 def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["stats", "--model", str(model_file), *ARGS, "--patches", "2", "--receptive-field", "5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["stats", "--model", str(model_file), *ARGS, "--patches", "2", "--receptive-field", "5", "--out", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "features.1: 8 channels" in printed and "classifier.2: 32 channels" in printed
     summary = json.loads((out / "stats.json").read_text())
@@ -57,7 +75,9 @@ def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, ca
         model(images)
     h.remove()
     v = acts["a"].transpose(0, 1).reshape(8, -1)
-    torch.testing.assert_close(torch.tensor(layer["mean"], dtype=torch.float64), v.double().mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(layer["mean"], dtype=torch.float64), v.double().mean(1), rtol=1e-5, atol=1e-6
+    )
     assert layer["threshold"] == torch.quantile(v, 0.99, dim=1).tolist()
     assert layer["max"] == v.amax(1).tolist()
     pngs = sorted(p.name for p in (out / "patches").iterdir())
@@ -68,8 +88,25 @@ def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, ca
 
 def test_stats_command_with_arch_only(tmp_path):
     out = tmp_path / "o"
-    assert main(["stats", "--arch", "small_cnn", "--data", "digits:8", "--layers", "features.3", "--num-images", "12",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                "--arch",
+                "small_cnn",
+                "--data",
+                "digits:8",
+                "--layers",
+                "features.3",
+                "--num-images",
+                "12",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "stats.json").read_text())
     assert "random weights" in summary["model"]
 
@@ -77,7 +114,10 @@ def test_stats_command_with_arch_only(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--layers", "features.99"], "'features.99' is not a submodule of the model; valid names: features, features.0"),
+        (
+            ["--layers", "features.99"],
+            "'features.99' is not a submodule of the model; valid names: features, features.0",
+        ),
         (["--layers", ","], "--layers must name at least one layer"),
         (["--layers", "features.1", "--topk", "0"], "topk must be >= 1, got 0"),
         (["--layers", "features.1", "--quantile", "1.5"], "quantile must lie in (0, 1)"),
@@ -87,8 +127,9 @@ def test_stats_command_with_arch_only(tmp_path):
     ],
 )
 def test_user_errors_exit_2(model_file, tmp_path, args, message):
-    result = run_cli("stats", "--model", str(model_file), "--data", "digits:8", "--quiet", *args,
-                     "--out", str(tmp_path / "out"))
+    result = run_cli(
+        "stats", "--model", str(model_file), "--data", "digits:8", "--quiet", *args, "--out", str(tmp_path / "out")
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -112,17 +153,43 @@ def test_under_torchrun_matches_one_process(model_file, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     one = run_cli(*args, "--out", str(tmp_path / "one"), env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-                          "-m", "pyadvk", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29547",
+            "-m",
+            "pyadvk",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "stats.json").read_text())
     b = json.loads((tmp_path / "two" / "stats.json").read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
     for name, la in a["layers"].items():
         lb = b["layers"][name]
-        for key in ("count", "min", "max", "topk_values", "topk_indices", "topk_positions", "threshold", "histogram",
-                    "underflow", "overflow", "histogram_range"):
+        for key in (
+            "count",
+            "min",
+            "max",
+            "topk_values",
+            "topk_indices",
+            "topk_positions",
+            "threshold",
+            "histogram",
+            "underflow",
+            "overflow",
+            "histogram_range",
+        ):
             assert la[key] == lb[key], (name, key)
         # moments: float32 block sums merged in float64, so the split changes the last digits
         torch.testing.assert_close(torch.tensor(la["mean"]), torch.tensor(lb["mean"]), rtol=1e-6, atol=1e-9)

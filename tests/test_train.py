@@ -84,8 +84,16 @@ def test_resume_gives_the_same_model_as_one_run(name, tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
         loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-        return train.AdversarialTrainer(model, opt, loader, loss_fn=LOSSES[name], epochs=epochs,
-                                        scheduler=sched, checkpoint_dir=ckpt, progress=False)
+        return train.AdversarialTrainer(
+            model,
+            opt,
+            loader,
+            loss_fn=LOSSES[name],
+            epochs=epochs,
+            scheduler=sched,
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
 
     torch.manual_seed(0)
     straight = make(3, None)
@@ -107,9 +115,17 @@ def test_trainer_learns_and_evaluates_with_bf16_and_channels_last():
     y = (x.mean((1, 2, 3)) > 0.5).long()  # a learnable rule
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     model = tiny_model()
-    trainer = train.AdversarialTrainer(model, torch.optim.Adam(model.parameters(), 1e-2), loader,
-                                       loss_fn=train.standard_loss, epochs=15, test_loader=loader,
-                                       amp="bf16", channels_last=True, progress=False)
+    trainer = train.AdversarialTrainer(
+        model,
+        torch.optim.Adam(model.parameters(), 1e-2),
+        loader,
+        loss_fn=train.standard_loss,
+        epochs=15,
+        test_loader=loader,
+        amp="bf16",
+        channels_last=True,
+        progress=False,
+    )
     history = trainer.fit()
     assert history[-1]["test_accuracy"] > 0.8
     assert not model.training

@@ -60,11 +60,18 @@ def run_on_cpu_isa(isa: str, test_file: str, selection: str, *, threads=(None,))
         if n is not None:
             env["OMP_NUM_THREADS"] = str(n)
         code = "import pyadvk; print(pyadvk._extension.load().cpu_isa())"
-        assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              check=True).stdout.strip() == isa
+        assert (
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            == isa
+        )
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert out.returncode == 0, out.stdout[-4000:]
         assert " passed" in out.stdout, out.stdout[-4000:]

@@ -28,8 +28,7 @@ from pyadvk.attacks.pgd import PGD
 from pyadvk.stats._features import eval_mode
 
 
-def ensemble_log_prob(logits: Sequence[torch.Tensor], log_weights: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
+def ensemble_log_prob(logits: Sequence[torch.Tensor], log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log Σ_i w_i · softmax(logits_i)[labels]`` per sample, shape (B,).
 
     Args:
@@ -87,8 +86,19 @@ class EnsemblePGD(PGD):
         for i, model in enumerate(models):
             if not callable(model):
                 raise TypeError(f"models[{i}] must be callable (an nn.Module), got {type(model).__name__}")
-        super().__init__(models[0], eps, alpha, steps, random_start, norm=norm, targeted=targeted,
-                         lower=lower, upper=upper, backend=backend, generator=generator)
+        super().__init__(
+            models[0],
+            eps,
+            alpha,
+            steps,
+            random_start,
+            norm=norm,
+            targeted=targeted,
+            lower=lower,
+            upper=upper,
+            backend=backend,
+            generator=generator,
+        )
         self.models = list(models)
         self.weights = self._normalized_weights(weights, len(self.models))
         self._log_weights = torch.log(self.weights)  # -inf for zero weights: logsumexp ignores them
@@ -142,6 +152,8 @@ class EnsemblePGD(PGD):
         return grad
 
     def __repr__(self) -> str:
-        return (f"EnsemblePGD(models={len(self.models)}, weights={self.weights.tolist()}, eps={self.eps!r}, "
-                f"alpha={self.alpha!r}, steps={self.steps}, norm={self.norm!r}, targeted={self.targeted}, "
-                f"random_start={self.random_start}, lower={self.lower}, upper={self.upper})")
+        return (
+            f"EnsemblePGD(models={len(self.models)}, weights={self.weights.tolist()}, eps={self.eps!r}, "
+            f"alpha={self.alpha!r}, steps={self.steps}, norm={self.norm!r}, targeted={self.targeted}, "
+            f"random_start={self.random_start}, lower={self.lower}, upper={self.upper})"
+        )

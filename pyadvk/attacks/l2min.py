@@ -66,8 +66,17 @@ class L2Min:
     ``attack(images, labels) -> L2MinResult``. Gradients are taken with respect to the input only;
     the model's mode is left as the caller set it."""
 
-    def __init__(self, model: nn.Module, steps: int = 450, budget: float = 20.0, momentum: float = 0.9,
-                 criterion: str = "misclassify", *, lower: float = 0.0, upper: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 450,
+        budget: float = 20.0,
+        momentum: float = 0.9,
+        criterion: str = "misclassify",
+        *,
+        lower: float = 0.0,
+        upper: float = 1.0,
+    ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         self.model = model

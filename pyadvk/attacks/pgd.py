@@ -84,18 +84,14 @@ class Attack:
             what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise TypeError(f"labels must be an int64 tensor of class indices, got {what}")
         if labels.shape != images.shape[:1]:
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) (one per image), got {tuple(labels.shape)}"
-            )
+            raise ValueError(f"labels must have shape ({images.shape[0]},) (one per image), got {tuple(labels.shape)}")
         if labels.device != images.device:
             raise ValueError(f"labels must be on the device of images ({images.device}), got {labels.device}")
         if self.channels_last and images.dim() != 4:
-            raise ValueError(
-                f"channels_last=True needs 4-D images (B, C, H, W), got shape {tuple(images.shape)}"
-            )
+            raise ValueError(f"channels_last=True needs 4-D images (B, C, H, W), got shape {tuple(images.shape)}")
         if images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            lo, hi = float(lo), float(hi)
+            lo_t, hi_t = torch.aminmax(images.detach())
+            lo, hi = float(lo_t), float(hi_t)
             if not (self.lower <= lo and hi <= self.upper):
                 raise ValueError(
                     f"images must lie in [lower, upper] = [{self.lower}, {self.upper}], got values in "
@@ -115,8 +111,11 @@ class Attack:
     def input_grad(self, x: torch.Tensor, labels: torch.Tensor, first: bool = False) -> torch.Tensor:
         """Gradient of the attack objective with respect to the input only (to ascend)."""
         x = x.detach().requires_grad_(True)
-        amp = (torch.autocast(x.device.type, dtype=self.autocast) if self.autocast is not None
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(x.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
         with torch.enable_grad(), amp:
             logits = self.model(x)
             if first:
@@ -172,8 +171,18 @@ class PGD(Attack):
         channels_last: bool = False,
         cuda_graph: bool = False,
     ) -> None:
-        super().__init__(model, eps=eps, norm=norm, targeted=targeted, loss=loss, lower=lower,
-                         upper=upper, backend=backend, autocast=autocast, channels_last=channels_last)
+        super().__init__(
+            model,
+            eps=eps,
+            norm=norm,
+            targeted=targeted,
+            loss=loss,
+            lower=lower,
+            upper=upper,
+            backend=backend,
+            autocast=autocast,
+            channels_last=channels_last,
+        )
         self.cuda_graph = bool(cuda_graph)
         if not isinstance(alpha, torch.Tensor):
             _checks.real("alpha", alpha, low=0.0, low_inclusive=False)
@@ -196,9 +205,16 @@ class PGD(Attack):
             images, self.eps, self.alpha, self.norm, self.lower, self.upper
         )
         if self.random_start:
-            x_adv = _pgd.random_init(images, eps=self.eps, norm=norm, lower=lower, upper=upper,
-                                     generator=self.generator, backend=self.backend,
-                                     check_values=False)
+            x_adv = _pgd.random_init(
+                images,
+                eps=self.eps,
+                norm=norm,
+                lower=lower,
+                upper=upper,
+                generator=self.generator,
+                backend=self.backend,
+                check_values=False,
+            )
         else:
             x_adv = images.clone()
         momentum = torch.zeros_like(images, dtype=torch.float32) if self.decay > 0 else None
@@ -208,8 +224,7 @@ class PGD(Attack):
             if momentum is not None:
                 grad = self._momentum(momentum, grad).to(grad.dtype)
             with torch.no_grad():
-                _pgd.run_step(norm, True, x_adv, images, grad, eps, alpha, eps_t, alpha_t, lower, upper,
-                              self.backend)
+                _pgd.run_step(norm, True, x_adv, images, grad, eps, alpha, eps_t, alpha_t, lower, upper, self.backend)
 
         warmup = 2  # eager steps before capture (the first one also checks the logits)
         if not self.cuda_graph or self.steps <= warmup:
@@ -265,6 +280,7 @@ class FGSM(PGD):
             if name in kwargs:
                 raise TypeError(f"FGSM takes no {name}= argument (it is one L∞ step of size eps)")
         # The step size is eps; where eps = 0 any step is projected back onto the image.
+        alpha: float | torch.Tensor
         if isinstance(eps, torch.Tensor):
             alpha = torch.where(eps > 0, eps, torch.ones_like(eps))
         else:

@@ -30,21 +30,44 @@ from pyadvk.cli.common import UserError, say
 
 BASELINE_ORDER = ("unfused", "loop", "composite", "torchattacks-reimpl")
 FLOOR = "floor"
-KNOWN_IMPLS = ("cuda", "triton", "cpp", "torch", "compile", "unfused", "loop", "composite", "floor",
-               "torchattacks-reimpl", "pyadvk", "pyadvk-fast", "torchattacks", "foolbox")
+KNOWN_IMPLS = (
+    "cuda",
+    "triton",
+    "cpp",
+    "torch",
+    "compile",
+    "unfused",
+    "loop",
+    "composite",
+    "floor",
+    "torchattacks-reimpl",
+    "pyadvk",
+    "pyadvk-fast",
+    "torchattacks",
+    "foolbox",
+)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run the benchmark suite and report time, bandwidth, speedups",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark suite and report time, bandwidth, speedups",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ops", default=None, help="comma-separated ops to run (default: all; see --list)")
     p.add_argument("--sizes", default=None, help="comma-separated size names (default: all of each op)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated implementations to run, e.g. cpp,torch (baselines always run)")
+    p.add_argument(
+        "--backends", default=None, help="comma-separated implementations to run, e.g. cpp,torch (baselines always run)"
+    )
     p.add_argument("--quick", action="store_true", help="smallest size of each op, few rounds (a smoke run)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if present")
-    p.add_argument("--out", default="bench-results", metavar="DIR",
-                   help="folder for bench.json, bench.md, bench.png (default: bench-results)")
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        metavar="DIR",
+        help="folder for bench.json, bench.md, bench.png (default: bench-results)",
+    )
     p.add_argument("--suite", default=None, metavar="DIR", help="the benchmarks/ folder (default: the checkout's)")
     p.add_argument("--list", action="store_true", help="list the ops and their sizes, then exit")
     p.set_defaults(run=run)
@@ -72,7 +95,7 @@ def find_suite(path: str | None) -> Path:
 
 
 def suite_ops(suite: Path) -> dict[str, Path]:
-    return {f.stem[len("bench_"):]: f for f in sorted(suite.glob("bench_*.py"))}
+    return {f.stem[len("bench_") :]: f for f in sorted(suite.glob("bench_*.py"))}
 
 
 def op_sizes(suite: Path, file: Path) -> list[str]:
@@ -113,8 +136,10 @@ def select(args, suite: Path) -> tuple[list[str], dict[str, Path]]:
         known = {s for op in chosen for s in op_sizes(suite, ops[op])}
         bad = [s for s in sizes if s not in known]
         if bad:
-            raise UserError(f"--sizes: unknown size(s) {', '.join(bad)} for ops {', '.join(chosen)}; "
-                            f"available: {', '.join(sorted(known))}")
+            raise UserError(
+                f"--sizes: unknown size(s) {', '.join(bad)} for ops {', '.join(chosen)}; "
+                f"available: {', '.join(sorted(known))}"
+            )
     return chosen, ops
 
 
@@ -157,8 +182,7 @@ def _ms(s: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| op | case | size | dtype | impl | median ms | p20–p80 ms | speedup | GB/s | % of copy | "
-        "peak MiB | notes |",
+        "| op | case | size | dtype | impl | median ms | p20–p80 ms | speedup | GB/s | % of copy | peak MiB | notes |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -202,8 +226,9 @@ def plot(rows: list[dict], path: str) -> bool:
         return False
     n = len(panels)
     cols = min(3, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((n + cols - 1) // cols)), squeeze=False
+    )
     for ax, (name, items) in zip(axes.flat, panels.items()):
         by_impl: dict = {}
         for r in items:
@@ -246,8 +271,12 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
         except (OSError, subprocess.SubprocessError, IndexError):
             info["driver"] = None
@@ -284,8 +313,11 @@ def run(args) -> int:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is visible")
     env = dict(os.environ)
-    for name, value in (("PYADVK_BENCH_SIZES", args.sizes), ("PYADVK_BENCH_BACKENDS", args.backends),
-                        ("PYADVK_BENCH_DEVICE", args.device)):
+    for name, value in (
+        ("PYADVK_BENCH_SIZES", args.sizes),
+        ("PYADVK_BENCH_BACKENDS", args.backends),
+        ("PYADVK_BENCH_DEVICE", args.device),
+    ):
         if value:
             env[name] = value
     env["PYADVK_BENCH_QUICK"] = "1" if args.quick else env.get("PYADVK_BENCH_QUICK", "0")
@@ -293,9 +325,20 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
-               f"--benchmark-json={raw}", f"--rootdir={suite.parent}", "-o", "python_files=bench_*.py",
-               *[str(files[o]) for o in ops]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            f"--benchmark-json={raw}",
+            f"--rootdir={suite.parent}",
+            "-o",
+            "python_files=bench_*.py",
+            *[str(files[o]) for o in ops],
+        ]
         say("running:", " ".join(cmd[2:]))
         proc = subprocess.run(cmd, cwd=suite.parent, env=env)
         if not raw.exists():
@@ -304,9 +347,12 @@ def run(args) -> int:
     rows = rows_from_pytest(data)
     if not rows:
         raise UserError("no benchmark matched the selection (every row was skipped or deselected)")
-    result = {"machine": machine(), "selection": {"ops": ops, "sizes": args.sizes, "backends": args.backends,
-                                                  "quick": args.quick},
-              "pytest_exit_code": proc.returncode, "rows": rows}
+    result = {
+        "machine": machine(),
+        "selection": {"ops": ops, "sizes": args.sizes, "backends": args.backends, "quick": args.quick},
+        "pytest_exit_code": proc.returncode,
+        "rows": rows,
+    }
     text = table(rows)
     head = f"Machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}"
     _io.save_json(result, out / "bench.json")

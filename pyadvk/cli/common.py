@@ -40,23 +40,38 @@ def device_from(args) -> torch.device:
 def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) -> None:
     """--model/--arch/--num-classes/--in-channels/--trust-pickle. With ``random_weights`` the
     model file is optional: --arch alone builds that architecture with random weights."""
-    p.add_argument("--model", required=not random_weights, default=None, metavar="FILE",
-                   help="TorchScript archive, pyadvk model file (pyadvk train), or state dict with --arch")
-    p.add_argument("--arch", default=None, choices=sorted(models.ARCHITECTURES),
-                   help="architecture of a bare state dict"
-                        + (", or alone: that architecture with random weights" if random_weights else ""))
+    p.add_argument(
+        "--model",
+        required=not random_weights,
+        default=None,
+        metavar="FILE",
+        help="TorchScript archive, pyadvk model file (pyadvk train), or state dict with --arch",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        choices=sorted(models.ARCHITECTURES),
+        help="architecture of a bare state dict"
+        + (", or alone: that architecture with random weights" if random_weights else ""),
+    )
     p.add_argument("--num-classes", type=int, default=None, help="classes of --arch (default: the data's)")
     p.add_argument("--in-channels", type=int, default=None, help="input channels of --arch (default: the data's)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow model files that hold pickled code (runs code from the file: only if you trust it)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow model files that hold pickled code (runs code from the file: only if you trust it)",
+    )
 
 
-def arch_kwargs(arch: str, info: data_mod.DataInfo | None, num_classes: int | None = None,
-                in_channels: int | None = None) -> dict:
+def arch_kwargs(
+    arch: str, info: data_mod.DataInfo | None, num_classes: int | None = None, in_channels: int | None = None
+) -> dict:
     """The constructor arguments of ``arch`` for the data described by ``info`` (explicit
     ``num_classes``/``in_channels`` win; without ``info``: 10 classes, 3 channels)."""
-    kwargs = {"num_classes": num_classes or (info.num_classes if info else 10),
-              "in_channels": in_channels or (info.image_shape[0] if info else 3)}
+    kwargs = {
+        "num_classes": num_classes or (info.num_classes if info else 10),
+        "in_channels": in_channels or (info.image_shape[0] if info else 3),
+    }
     if arch == "small_cnn" and info:
         kwargs["input_size"] = info.image_shape[-1]
     return kwargs
@@ -64,13 +79,17 @@ def arch_kwargs(arch: str, info: data_mod.DataInfo | None, num_classes: int | No
 
 def load_model(args, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
     kwargs = arch_kwargs(args.arch, info, args.num_classes, args.in_channels) if args.arch else {}
-    return models.load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                             map_location=device, **kwargs)
+    return models.load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, map_location=device, **kwargs)
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--data", default=default, required=default is None, metavar="SPEC",
-                   help="digits, digits:SIZE, cifar10:PATH or folder:PATH" + (f" (default {default})" if default else ""))
+    p.add_argument(
+        "--data",
+        default=default,
+        required=default is None,
+        metavar="SPEC",
+        help="digits, digits:SIZE, cifar10:PATH or folder:PATH" + (f" (default {default})" if default else ""),
+    )
     p.add_argument("--split", default="test", choices=("train", "test"), help="which split (default test)")
     p.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
 
@@ -83,7 +102,9 @@ def load_data(args, *, split: str | None = None, shuffle: bool = False, n: int |
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if distributed.is_distributed():
-        return distributed.shard_loader(dataset, args.batch_size, n=n, shuffle=shuffle, seed=getattr(args, "seed", 0)), info
+        return distributed.shard_loader(
+            dataset, args.batch_size, n=n, shuffle=shuffle, seed=getattr(args, "seed", 0)
+        ), info
     if n is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle), info

@@ -54,10 +54,16 @@ def fused_step_table(device: torch.device, shape=(128, 3, 32, 32)) -> list[dict]
         for name in names:
             out = pgd_ops.pgd_step(x, x, grad, eps=eps, alpha=alpha, norm=norm, backend=name)
             buf = x.clone()
-            seconds = _median_time(
-                lambda: pgd_ops.pgd_step_(buf, x, grad, eps=eps, alpha=alpha, norm=norm, backend=name), 30, device)
-            rows.append({"norm": norm, "backend": name, "ms": 1e3 * seconds,
-                         "max_abs_diff_vs_torch": float((out - ref).abs().max())})
+            step = functools.partial(pgd_ops.pgd_step_, buf, x, grad, eps=eps, alpha=alpha, norm=norm, backend=name)
+            seconds = _median_time(step, 30, device)
+            rows.append(
+                {
+                    "norm": norm,
+                    "backend": name,
+                    "ms": 1e3 * seconds,
+                    "max_abs_diff_vs_torch": float((out - ref).abs().max()),
+                }
+            )
     return rows
 
 
@@ -68,8 +74,12 @@ def configurations(args) -> dict:
     return {
         "standard": ("relu", lambda model: train.standard_loss),
         "pgd-at": ("relu", lambda model: pgd),
-        "robust": ("half_huber", lambda model: train.RobustLoss(eps=eps, alpha=alpha, steps=args.train_steps,
-                                                                 psi=AdaptivePsi(psi0=args.psi0))),
+        "robust": (
+            "half_huber",
+            lambda model: train.RobustLoss(
+                eps=eps, alpha=alpha, steps=args.train_steps, psi=AdaptivePsi(psi0=args.psi0)
+            ),
+        ),
     }
 
 
@@ -77,14 +87,15 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(args.out, exist_ok=True)
     step_backend = _backend.resolve(pgd_ops.STEP, device)
-    print(f"pyadvk demo on {device}: fused PGD step backend '{step_backend}' "
-          f"(`pyadvk info` lists every backend)")
+    print(f"pyadvk demo on {device}: fused PGD step backend '{step_backend}' (`pyadvk info` lists every backend)")
     train_set, test_set = data.digits(16, "train"), data.digits(16, "test")
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
     test_loader = DataLoader(test_set, batch_size=500)
-    eval_loader = DataLoader(torch.utils.data.Subset(test_set, range(min(args.ara_images, len(test_set)))),
-                             batch_size=500)
+    eval_loader = DataLoader(
+        torch.utils.data.Subset(test_set, range(min(args.ara_images, len(test_set)))), batch_size=500
+    )
     print(f"data: scikit-learn digits, {len(train_set)} train / {len(test_set)} test images, 1×16×16")
     results, ara_curves = {}, []
     for name, (activation, make_loss) in configurations(args).items():
@@ -94,8 +105,9 @@ def run(args) -> int:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         print(f"\n[{name}] training {args.epochs} epochs ...")
         start = time.perf_counter()
-        train.AdversarialTrainer(model, optimizer, train_loader, loss_fn=loss_fn, epochs=args.epochs,
-                                 device=device).fit()
+        train.AdversarialTrainer(
+            model, optimizer, train_loader, loss_fn=loss_fn, epochs=args.epochs, device=device
+        ).fit()
         seconds = time.perf_counter() - start
         model.eval()
         clean = metrics.robust_accuracy(model, test_loader, None)
@@ -108,41 +120,66 @@ def run(args) -> int:
         ara_curves.append(aras["misclassify"])
         bound = float(lipschitz_bound(model, (1, 16, 16)))
         results[name] = {
-            "clean_accuracy": clean, "pgd_accuracy": robust, "attack_ara": aras["misclassify"].ara,
-            "btr_ara": aras["btr"].ara, "ara_unbroken": aras["misclassify"].unbroken + aras["btr"].unbroken,
-            "lipschitz_bound": bound, "train_seconds": seconds, "activation": activation,
+            "clean_accuracy": clean,
+            "pgd_accuracy": robust,
+            "attack_ara": aras["misclassify"].ara,
+            "btr_ara": aras["btr"].ara,
+            "ara_unbroken": aras["misclassify"].unbroken + aras["btr"].unbroken,
+            "lipschitz_bound": bound,
+            "train_seconds": seconds,
+            "activation": activation,
         }
         images, labels = next(iter(DataLoader(test_set, batch_size=args.explain_images)))
         e = explain.adversarial_explanation(model, images.to(device), labels=labels.to(device))
-        explain.save_explanation_grid(os.path.join(args.out, f"explanations_{name}.png"), e, data.DIGITS_CLASSES,
-                                      title=f"{name}: adversarial explanations (rho=0.1)")
-        print(f"[{name}] clean {clean:.3f}, PGD {robust:.3f}, attack-ARA {aras['misclassify'].ara:.4f}, "
-              f"BTR-ARA {aras['btr'].ara:.4f}, {seconds:.0f} s")
-    metrics.plot_ara(ara_curves, os.path.join(args.out, "ara.png"),
-                     title="digits: accuracy under minimal L2 perturbations")
+        explain.save_explanation_grid(
+            os.path.join(args.out, f"explanations_{name}.png"),
+            e,
+            data.DIGITS_CLASSES,
+            title=f"{name}: adversarial explanations (rho=0.1)",
+        )
+        print(
+            f"[{name}] clean {clean:.3f}, PGD {robust:.3f}, attack-ARA {aras['misclassify'].ara:.4f}, "
+            f"BTR-ARA {aras['btr'].ara:.4f}, {seconds:.0f} s"
+        )
+    metrics.plot_ara(
+        ara_curves, os.path.join(args.out, "ara.png"), title="digits: accuracy under minimal L2 perturbations"
+    )
     steps = fused_step_table(device)
     save_json(steps, os.path.join(args.out, "fused_step.json"))
     settings = {k: v for k, v in vars(args).items() if k != "run"}
-    save_json({"device": str(device), "backend": step_backend, "settings": settings, "models": results},
-              os.path.join(args.out, "results.json"))
-    header = (f"{'model':<9} {'clean':>6} {'PGD':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'Lipschitz≤':>11} "
-              f"{'train s':>8} {'backend':>8}")
-    print(f"\nPGD: L∞ eps={args.eps}, {args.eval_steps} steps; ARA over {min(args.ara_images, len(test_set))} "
-          f"test images, {args.ara_steps} attack steps\n{header}\n{'-' * len(header)}")
+    save_json(
+        {"device": str(device), "backend": step_backend, "settings": settings, "models": results},
+        os.path.join(args.out, "results.json"),
+    )
+    header = (
+        f"{'model':<9} {'clean':>6} {'PGD':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'Lipschitz≤':>11} "
+        f"{'train s':>8} {'backend':>8}"
+    )
+    print(
+        f"\nPGD: L∞ eps={args.eps}, {args.eval_steps} steps; ARA over {min(args.ara_images, len(test_set))} "
+        f"test images, {args.ara_steps} attack steps\n{header}\n{'-' * len(header)}"
+    )
     for name, r in results.items():
-        print(f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['attack_ara']:>11.4f} "
-              f"{r['btr_ara']:>8.4f} {r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f} {step_backend:>8}")
+        print(
+            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['attack_ara']:>11.4f} "
+            f"{r['btr_ara']:>8.4f} {r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f} {step_backend:>8}"
+        )
     print("\nfused PGD step, 128×3×32×32 float32, in place:")
     for row in steps:
-        print(f"  {row['norm']:<4} {row['backend']:<7} {row['ms']:8.3f} ms   max |Δ| vs torch "
-              f"{row['max_abs_diff_vs_torch']:.1e}")
+        print(
+            f"  {row['norm']:<4} {row['backend']:<7} {row['ms']:8.3f} ms   max |Δ| vs torch "
+            f"{row['max_abs_diff_vs_torch']:.1e}"
+        )
     print(f"\nwrote {args.out}/: results.json, ara.png, explanations_*.png, fused_step.json")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train and compare standard, adversarial and robust models (make demo)",
-                       description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = sub.add_parser(
+        "demo",
+        help="train and compare standard, adversarial and robust models (make demo)",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
     p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--epochs", type=int, default=12)
@@ -152,10 +189,14 @@ def add_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.1, help="L∞ budget of training and evaluation attacks")
     p.add_argument("--train-steps", type=int, default=5, help="PGD steps of the training attacks")
     p.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the evaluation attack")
-    p.add_argument("--psi0", type=float, default=20.0,
-                   help="ψ0 of the adaptive penalty weight (default 20: the paper's 220 for 3×32×32 CIFAR "
-                        "images, scaled by the input size, 256/3072, since the penalty is a mean over "
-                        "input values)")
+    p.add_argument(
+        "--psi0",
+        type=float,
+        default=20.0,
+        help="ψ0 of the adaptive penalty weight (default 20: the paper's 220 for 3×32×32 CIFAR "
+        "images, scaled by the input size, 256/3072, since the penalty is a mean over "
+        "input values)",
+    )
     p.add_argument("--ara-images", type=int, default=200, help="test images for ARA")
     p.add_argument("--ara-steps", type=int, default=200, help="steps of the minimal-perturbation attack")
     p.add_argument("--explain-images", type=int, default=3)

@@ -25,8 +25,7 @@ def run(args) -> int:
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise common.UserError(f"the model must return (B, C) logits, got {tuple(logits.shape)}")
     targets = None if not args.targets else [int(t) for t in args.targets.split(",")]
-    e = explain.adversarial_explanation(model, image, targets, rho=args.rho, steps=args.steps,
-                                        overshoot=args.overshoot)
+    e = explain.adversarial_explanation(model, image, targets, rho=args.rho, steps=args.steps, overshoot=args.overshoot)
     names = args.class_names.split(",") if args.class_names else None
     if names is not None and len(names) != logits.shape[1]:
         raise common.UserError(f"--class-names has {len(names)} names, the model {logits.shape[1]} classes")
@@ -38,14 +37,22 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("explain", help="adversarial explanations of an image",
-                       description="Walks the image toward each target class within an RMS radius "
-                                   "rho (Woods et al. 2019) and writes the explanations as a PNG grid.")
+    p = sub.add_parser(
+        "explain",
+        help="adversarial explanations of an image",
+        description="Walks the image toward each target class within an RMS radius "
+        "rho (Woods et al. 2019) and writes the explanations as a PNG grid.",
+    )
     common.add_model_args(p)
     common.add_device_arg(p)
     p.add_argument("--image", required=True, metavar="FILE", help="the image (png, jpg, ...)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="read the image as grayscale (1) or RGB (3); default: the model's first layer")
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="read the image as grayscale (1) or RGB (3); default: the model's first layer",
+    )
     p.add_argument("--size", type=int, default=None, help="resize the image to SIZE×SIZE first")
     p.add_argument("--targets", default=None, help="comma-separated classes (default: every class)")
     p.add_argument("--class-names", default=None, help="comma-separated class names for the labels")

@@ -19,8 +19,10 @@ def describe() -> str:
     try:
         import triton
 
-        lines.append(f"triton {triton.__version__}"
-                     + (" (interpreter: TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""))
+        lines.append(
+            f"triton {triton.__version__}"
+            + (" (interpreter: TRITON_INTERPRET=1)" if _backend.triton_interpreted() else "")
+        )
     except ImportError:
         lines.append("triton not installed")
     if torch.cuda.is_available():

@@ -39,8 +39,11 @@ def _calibrated_ranges(model, dataset, layers, batch, device) -> dict[str, tuple
     a quarter of the span: the same on every rank, so shards' histograms merge."""
     modules = dict(distributed.unwrap(model).named_modules())
     seen: dict[str, torch.Tensor] = {}
-    hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
-             for name in layers if name in modules]
+    hooks = [
+        modules[name].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+        for name in layers
+        if name in modules
+    ]
     images = next(iter(DataLoader(Subset(dataset, range(min(batch, len(dataset)))), batch_size=batch)))[0]
     try:
         with torch.no_grad():
@@ -72,9 +75,11 @@ def _consistency_report(args, model, dataset, total, layers, device) -> dict:
     for name in layers:
         result = consistency(model, name, real_loader, adv_batches, topk=min(args.topk, total))
         report["layers"][name] = result.summary()
-        common.say(f"{name}: neuron consistency real {report['layers'][name]['consistency_real']:.3f}, "
-                   f"adversarial {report['layers'][name]['consistency_adv']:.3f}, representation "
-                   f"{report['layers'][name]['representation_consistency']:.3f}")
+        common.say(
+            f"{name}: neuron consistency real {report['layers'][name]['consistency_real']:.3f}, "
+            f"adversarial {report['layers'][name]['consistency_adv']:.3f}, representation "
+            f"{report['layers'][name]['representation_consistency']:.3f}"
+        )
     return report
 
 
@@ -103,13 +108,19 @@ def run(args) -> int:
     for name, r in stats.results().items():
         if r is None:
             continue
-        common.say(f"{name}: {r['mean'].numel()} channels, {int(r['count'][0])} values each; mean of means "
-                   f"{float(r['mean'].mean()):.4g}, thresholds (q={args.quantile}) {float(r['threshold'].min()):.4g}"
-                   f"..{float(r['threshold'].max()):.4g}")
+        common.say(
+            f"{name}: {r['mean'].numel()} channels, {int(r['count'][0])} values each; mean of means "
+            f"{float(r['mean'].mean()):.4g}, thresholds (q={args.quantile}) {float(r['threshold'].min()):.4g}"
+            f"..{float(r['threshold'].max()):.4g}"
+        )
     if args.out and distributed.is_main():
         summary = stats.summary()
-        summary.update(model=args.model or f"{args.arch} (random weights, seed {args.seed})", data=args.data,
-                       split=args.split, world_size=distributed.world_size())
+        summary.update(
+            model=args.model or f"{args.arch} (random weights, seed {args.seed})",
+            data=args.data,
+            split=args.split,
+            world_size=distributed.world_size(),
+        )
         from pyadvk._io import save_json
 
         if args.consistency is not None:
@@ -120,22 +131,33 @@ def run(args) -> int:
         if args.patches:
             for name in layers:
                 channels = list(range(min(args.patches, stats.states[name].channels)))
-                written += [os.path.relpath(p, args.out) for p in plot_top_patches(
-                    stats, dataset, name, channels, os.path.join(args.out, "patches"),
-                    receptive_field=args.receptive_field)]
+                written += [
+                    os.path.relpath(p, args.out)
+                    for p in plot_top_patches(
+                        stats,
+                        dataset,
+                        name,
+                        channels,
+                        os.path.join(args.out, "patches"),
+                        receptive_field=args.receptive_field,
+                    )
+                ]
         common.say(f"wrote {', '.join(written[:4])}{' ...' if len(written) > 4 else ''} in {args.out}")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("stats", help="per-neuron activation statistics of named layers",
-                       description="Runs the model over the dataset with NeuronStats on --layers: per channel "
-                                   "count, mean, std, min, max, histogram, top-k activations with their image "
-                                   "index and position, and the exact threshold T with P(a > T) = --quantile. "
-                                   "Writes OUT/stats.json (summary), OUT/stats.pt (state) and, with --patches K, "
-                                   "OUT/patches/<layer>_ch<c>.png for the first K channels. Runs unchanged under "
-                                   "torchrun --nproc_per_node=N (images split over ranks, merged exactly, rank 0 "
-                                   "writes).")
+    p = sub.add_parser(
+        "stats",
+        help="per-neuron activation statistics of named layers",
+        description="Runs the model over the dataset with NeuronStats on --layers: per channel "
+        "count, mean, std, min, max, histogram, top-k activations with their image "
+        "index and position, and the exact threshold T with P(a > T) = --quantile. "
+        "Writes OUT/stats.json (summary), OUT/stats.pt (state) and, with --patches K, "
+        "OUT/patches/<layer>_ch<c>.png for the first K channels. Runs unchanged under "
+        "torchrun --nproc_per_node=N (images split over ranks, merged exactly, rank 0 "
+        "writes).",
+    )
     common.add_model_args(p, random_weights=True)
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--arch without --model)")
     common.add_data_args(p, default="digits")
@@ -143,17 +165,33 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", required=True, help="comma-separated submodule names, e.g. features.3,classifier.2")
     p.add_argument("--num-images", type=int, default=None, help="the first N images of the split (default all)")
     p.add_argument("--topk", type=int, default=16, help="top activations kept per channel (default 16)")
-    p.add_argument("--quantile", type=float, default=0.005, help="upper-tail probability of the threshold (default 0.005)")
+    p.add_argument(
+        "--quantile", type=float, default=0.005, help="upper-tail probability of the threshold (default 0.005)"
+    )
     p.add_argument("--bins", type=int, default=64, help="histogram bins (default 64)")
-    p.add_argument("--histogram-range", default=None, metavar="LO,HI",
-                   help="histogram range of every layer (default: per layer, from the first batch's activations)")
+    p.add_argument(
+        "--histogram-range",
+        default=None,
+        metavar="LO,HI",
+        help="histogram range of every layer (default: per layer, from the first batch's activations)",
+    )
     p.add_argument("--patches", type=int, default=0, metavar="K", help="write top-patch PNGs of the first K channels")
-    p.add_argument("--receptive-field", type=int, default=None, metavar="PIXELS",
-                   help="patch size in pixels (default: whole images)")
-    p.add_argument("--consistency", type=float, default=None, metavar="EPS",
-                   help="also write the neuron-consistency report of Dong et al. 2017 on the images and "
-                        "their PGD-10 L-inf adversarial images of budget EPS (real vs adversarial top-K "
-                        "label consistency, adversarial share of the top-K, representation consistency)")
+    p.add_argument(
+        "--receptive-field",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="patch size in pixels (default: whole images)",
+    )
+    p.add_argument(
+        "--consistency",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="also write the neuron-consistency report of Dong et al. 2017 on the images and "
+        "their PGD-10 L-inf adversarial images of budget EPS (real vs adversarial top-K "
+        "label consistency, adversarial share of the top-K, representation consistency)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, metavar="DIR", help="write stats.json, stats.pt and patches here")
     p.set_defaults(run=run)

@@ -27,8 +27,15 @@ def make_loss(args, model=None, input_shape=None):
     if args.loss == "halfhalf":
         return functools.partial(_half_half, eps=eps, alpha=alpha, steps=steps)
     if args.loss == "robust":
-        return train.RobustLoss(eps=eps, alpha=alpha, steps=steps, zeta=args.zeta,
-                                lipschitz_weight=args.lipschitz_weight, model=model, input_shape=input_shape)
+        return train.RobustLoss(
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            zeta=args.zeta,
+            lipschitz_weight=args.lipschitz_weight,
+            model=model,
+            input_shape=input_shape,
+        )
     if args.loss == "consistent":
         layers = _csv(args.consistent_layers) if args.consistent_layers else [_last_linear(model)]
         names = dict(model.named_modules())
@@ -72,45 +79,75 @@ def run(args) -> int:
     common.check_model_on(model, loader, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = train.AdversarialTrainer(
-        model, optimizer, loader, loss_fn=make_loss(args, model, tuple(info.image_shape)), epochs=args.epochs,
+        model,
+        optimizer,
+        loader,
+        loss_fn=make_loss(args, model, tuple(info.image_shape)),
+        epochs=args.epochs,
         test_loader=test_loader,
-        device=device, checkpoint_dir=args.out, resume=not args.restart, amp=args.amp,
+        device=device,
+        checkpoint_dir=args.out,
+        resume=not args.restart,
+        amp=args.amp,
         channels_last=args.channels_last,
     )
     if trainer.epoch:
         common.say(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epoch}")
     history = trainer.fit()
     for h in history:
-        common.say(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, test accuracy {h.get('test_accuracy', float('nan')):.4f}, "
-              f"{h['seconds']:.1f} s")
+        common.say(
+            f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, "
+            f"test accuracy {h.get('test_accuracy', float('nan')):.4f}, {h['seconds']:.1f} s"
+        )
     if distributed.is_main():
         models.save_model(model, os.path.join(args.out, "model.pt"), args.arch, **kwargs)
-        save_json({"args": {k: v for k, v in vars(args).items() if k != "run"}, "history": history,
-                   "world_size": distributed.world_size()}, os.path.join(args.out, "history.json"))
+        save_json(
+            {
+                "args": {k: v for k, v in vars(args).items() if k != "run"},
+                "history": history,
+                "world_size": distributed.world_size(),
+            },
+            os.path.join(args.out, "history.json"),
+        )
     common.say(f"wrote {os.path.join(args.out, 'model.pt')}")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model with an adversarial-training loss",
-                       description="Trains --arch on --data with --loss; writes OUT/model.pt (load it with "
-                                   "the other commands' --model), OUT/checkpoint.pt (resumed automatically) "
-                                   "and OUT/history.json. Runs unchanged under torchrun --nproc_per_node=N "
-                                   "(DistributedDataParallel, one data shard per rank).")
+    p = sub.add_parser(
+        "train",
+        help="train a model with an adversarial-training loss",
+        description="Trains --arch on --data with --loss; writes OUT/model.pt (load it with "
+        "the other commands' --model), OUT/checkpoint.pt (resumed automatically) "
+        "and OUT/history.json. Runs unchanged under torchrun --nproc_per_node=N "
+        "(DistributedDataParallel, one data shard per rank).",
+    )
     common.add_data_args(p, default="digits")
     common.add_device_arg(p)
     p.add_argument("--arch", default="small_cnn", choices=sorted(models.ARCHITECTURES))
     p.add_argument("--activation", default="relu", choices=("relu", "half_huber"))
-    p.add_argument("--loss", default="pgd", choices=LOSSES,
-                   help="training loss (default pgd): standard; pgd (Madry); fast (FGSM with random start); "
-                        "halfhalf (half of each batch PGD); robust (Woods et al. 2019: half-half PGD + "
-                        "input-gradient penalty with adaptive psi, best with --activation half_huber); "
-                        "consistent (Dong et al. 2017: PGD + feature-consistency term)")
+    p.add_argument(
+        "--loss",
+        default="pgd",
+        choices=LOSSES,
+        help="training loss (default pgd): standard; pgd (Madry); fast (FGSM with random start); "
+        "halfhalf (half of each batch PGD); robust (Woods et al. 2019: half-half PGD + "
+        "input-gradient penalty with adaptive psi, best with --activation half_huber); "
+        "consistent (Dong et al. 2017: PGD + feature-consistency term)",
+    )
     p.add_argument("--zeta", type=float, default=0.2, help="--loss robust: margin probability of the penalty")
-    p.add_argument("--lipschitz-weight", type=float, default=0.0,
-                   help="--loss robust: weight of a Lipschitz (spectral-norm hinge) penalty (default 0: none)")
-    p.add_argument("--consistent-layers", default=None, metavar="NAMES",
-                   help="--loss consistent: comma-separated layer names (default: the last Linear layer)")
+    p.add_argument(
+        "--lipschitz-weight",
+        type=float,
+        default=0.0,
+        help="--loss robust: weight of a Lipschitz (spectral-norm hinge) penalty (default 0: none)",
+    )
+    p.add_argument(
+        "--consistent-layers",
+        default=None,
+        metavar="NAMES",
+        help="--loss consistent: comma-separated layer names (default: the last Linear layer)",
+    )
     p.add_argument("--consistent-lam", type=float, default=1.0, help="--loss consistent: weight λ")
     p.add_argument("--eps", type=float, default=8 / 255, help="L∞ budget of the training attack")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5·eps/steps)")

@@ -48,8 +48,9 @@ def _split_indices(n: int, split: str, test_fraction: float, seed: int) -> torch
     return order[:n_test].sort().values if split == "test" else order[n_test:].sort().values
 
 
-def digits(size: int = 16, split: str = "train", *, channels: int = 1, test_fraction: float = 0.2,
-           seed: int = 0) -> TensorDataset:
+def digits(
+    size: int = 16, split: str = "train", *, channels: int = 1, test_fraction: float = 0.2, seed: int = 0
+) -> TensorDataset:
     """scikit-learn's handwritten digits as (channels, size, size) images in [0, 1].
 
     The 8×8 scans (values 0..16) are divided by 16 and upsampled bilinearly to ``size``. The
@@ -64,8 +65,9 @@ def digits(size: int = 16, split: str = "train", *, channels: int = 1, test_frac
     raw = load_digits()
     images = torch.from_numpy(raw.images.astype(np.float32) / 16.0)[:, None]
     if size != 8:
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
-                                                 align_corners=False).clamp_(0.0, 1.0)
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        ).clamp_(0.0, 1.0)
     images = images.expand(-1, channels, -1, -1).contiguous()
     labels = torch.from_numpy(raw.target.astype(np.int64))
     idx = _split_indices(len(labels), split, test_fraction, seed)
@@ -79,9 +81,12 @@ class _CifarUnpickler(pickle.Unpickler):
     """Admits only what a CIFAR-10 batch contains: numpy arrays (and builtin containers)."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
     }
 
@@ -194,6 +199,4 @@ def load(spec: str, split: str = "test") -> tuple[Dataset, DataInfo]:
     if kind == "folder" and arg:
         ds = ImageFolder(arg)
         return ds, DataInfo(ds.classes, tuple(ds[0][0].shape))
-    raise ValueError(
-        f"data must be 'digits', 'digits:SIZE', 'cifar10:PATH' or 'folder:PATH', got {spec!r}"
-    )
+    raise ValueError(f"data must be 'digits', 'digits:SIZE', 'cifar10:PATH' or 'folder:PATH', got {spec!r}")

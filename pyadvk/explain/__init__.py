@@ -88,8 +88,9 @@ def adversarial_explanation(
     if targets.dim() != 2 or targets.shape[0] != batch:
         raise ValueError(f"targets must have shape ({batch}, T), got {tuple(targets.shape)}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        raise ValueError(f"targets must be classes in [0, {num_classes}), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(
+            f"targets must be classes in [0, {num_classes}), got values in [{int(targets.min())}, {int(targets.max())}]"
+        )
     t = targets.shape[1]
     x0 = x[:, None].expand(batch, t, *x.shape[1:]).reshape(batch * t, *x.shape[1:])
     flat_targets = targets.reshape(-1)

@@ -100,12 +100,15 @@ def check_input_shape(conv: nn.Module, input_shape, *, name: str = "input_shape"
     what = f"{layer + ' ' if layer else ''}({conv})"
     try:
         shape = tuple(int(s) for s in input_shape)
-        ok = len(shape) == d + 1 and all(s >= 1 for s in shape) and all(
-            float(s) == float(t) for s, t in zip(shape, input_shape))
+        ok = (
+            len(shape) == d + 1
+            and all(s >= 1 for s in shape)
+            and all(float(s) == float(t) for s, t in zip(shape, input_shape))
+        )
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        dims = ", ".join("DHW"[3 - d:])
+        dims = ", ".join("DHW"[3 - d :])
         raise ValueError(
             f"{name} must be (C_in, {dims}) of positive ints (no batch dim) for {what}, got {input_shape!r}"
         )
@@ -141,16 +144,17 @@ def adjoint(conv: nn.Module, u: torch.Tensor, weight: torch.Tensor, x_shape) -> 
     """``Aᵀ u``: the transposed convolution (the input gradient of the layer's convolution)."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         extra = []  # output_padding: input positions the strided forward never reached
-        for n, o, k, s, p, dil in zip(x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride,
-                                      conv.padding, conv.dilation):
+        for n, o, k, s, p, dil in zip(
+            x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        ):
             extra.append(n - ((o - 1) * s - 2 * p + dil * (k - 1) + 1))
-        return _CONV_T[conv_dims(conv)](u, weight, None, conv.stride, conv.padding, tuple(extra),
-                                        conv.groups, conv.dilation)
+        return _CONV_T[conv_dims(conv)](
+            u, weight, None, conv.stride, conv.padding, tuple(extra), conv.groups, conv.dilation
+        )
     if conv.padding_mode == "circular":  # transposed valid convolution, then fold the wrap back
         p = pads(conv)
         extra = []
-        for n, o, k, s, (pl, pr), dil in zip(x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride, p,
-                                             conv.dilation):
+        for n, o, k, s, (pl, pr), dil in zip(x_shape[2:], u.shape[2:], conv.kernel_size, conv.stride, p, conv.dilation):
             extra.append(n + pl + pr - ((o - 1) * s + dil * (k - 1) + 1))
         z = _CONV_T[conv_dims(conv)](u, weight, None, conv.stride, 0, tuple(extra), conv.groups, conv.dilation)
         for axis, (n, (pl, pr)) in enumerate(zip(x_shape[2:], p)):
@@ -184,7 +188,7 @@ class ConvNormState:
     sigma: torch.Tensor | None = None
 
     @classmethod
-    def random(cls, input_shape, *, device=None, generator: torch.Generator | None = None) -> "ConvNormState":
+    def random(cls, input_shape, *, device=None, generator: torch.Generator | None = None) -> ConvNormState:
         v = torch.randn((1, *input_shape), generator=generator, device=device)
         return cls(v / v.norm())
 
@@ -235,16 +239,15 @@ def conv_operator_norm(
     if weight is not None:
         _checks.tensor("weight", weight, min_dim=3)
         if weight.shape != conv.weight.shape:
-            raise ValueError(f"weight must have the shape of conv.weight {tuple(conv.weight.shape)}, "
-                             f"got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must have the shape of conv.weight {tuple(conv.weight.shape)}, got {tuple(weight.shape)}"
+            )
     if state is None:
         state = ConvNormState.random(shape, device=w.device, generator=generator)
     elif not isinstance(state, ConvNormState):
         raise TypeError(f"state must be a ConvNormState or None, got {type(state).__name__}")
     elif tuple(state.v.shape) != (1, *shape):
-        raise ValueError(
-            f"state holds vectors for input shape {tuple(state.v.shape[1:])}, not input_shape {shape}"
-        )
+        raise ValueError(f"state holds vectors for input shape {tuple(state.v.shape[1:])}, not input_shape {shape}")
     sigma, u, v = power_step(conv, w, state.v.to(device=w.device, dtype=torch.float32), n_iters)
     state.v, state.u, state.sigma = v, u, sigma
     return sigma, state
@@ -299,8 +302,10 @@ def circulant_plan(conv: nn.Module, spatial) -> tuple[list[int], float]:
     (see the module docstring)."""
     p = pads(conv)
     mode = conv.padding_mode
-    if mode == "circular" and all(s == 1 for s in conv.stride) and all(
-        pl + pr == dil * (k - 1) for (pl, pr), k, dil in zip(p, conv.kernel_size, conv.dilation)
+    if (
+        mode == "circular"
+        and all(s == 1 for s in conv.stride)
+        and all(pl + pr == dil * (k - 1) for (pl, pr), k, dil in zip(p, conv.kernel_size, conv.dilation))
     ):
         return list(spatial), 1.0
     grid = [n + pl + pr for n, (pl, pr) in zip(spatial, p)]

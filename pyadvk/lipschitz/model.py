@@ -137,7 +137,7 @@ class SpectralNormState:
         return u
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def clear_state(model: nn.Module) -> None:
@@ -168,7 +168,7 @@ def spectral_norms(
     n_iters: int | None = None,
     *,
     state: SpectralNormState | None = None,
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """Layer name -> σ (float32 0-dim tensor) for every Linear and Conv layer of ``model``.
 
     Args:
@@ -187,8 +187,9 @@ def spectral_norms(
     shapes = {}
     if has_conv and method != "reshaped":
         if input_shape is None:
-            raise ValueError(f"input_shape is needed for method={method!r}: the norm of a convolution "
-                             "depends on its input size")
+            raise ValueError(
+                f"input_shape is needed for method={method!r}: the norm of a convolution depends on its input size"
+            )
         shapes = input_shapes(model, input_shape)
     if state is None:
         key = (method, None if input_shape is None else tuple(input_shape))
@@ -205,7 +206,10 @@ def spectral_norms(
                 if m not in shapes:
                     raise ValueError(f"layer {name!r} is not used by the model's forward: no input shape")
                 sigma, state.convs[name] = conv_norms.conv_operator_norm(
-                    m, shapes[m], n_iters, state.convs.get(name) if _fits(state.convs.get(name), shapes[m]) else None,
+                    m,
+                    shapes[m],
+                    n_iters,
+                    state.convs.get(name) if _fits(state.convs.get(name), shapes[m]) else None,
                     generator=state.generator,
                 )
                 out[name] = sigma
@@ -232,8 +236,22 @@ SILU_LIP = 1.1  # max of d/dx x σ(x) = 1.0998... at x = 2.3994
 
 
 def _activation_bound(m: nn.Module) -> float | None:
-    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten,
-                      nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+    if isinstance(
+        m,
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.Hardtanh,
+            nn.Tanh,
+            nn.Softplus,
+            nn.Identity,
+            nn.Flatten,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+        ),
+    ):
         return 1.0
     if type(m).__name__ == "HalfHuberReLU":  # pyadvk.nn: slope in [0, 1]
         return 1.0
@@ -252,8 +270,10 @@ def _activation_bound(m: nn.Module) -> float | None:
 
 def _bn_bound(name: str, m: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     if m.running_var is None:
-        raise ValueError(f"BatchNorm {name!r} keeps no running statistics (track_running_stats=False): "
-                         "its eval-mode scale is not fixed, so it cannot be bounded")
+        raise ValueError(
+            f"BatchNorm {name!r} keeps no running statistics (track_running_stats=False): "
+            "its eval-mode scale is not fixed, so it cannot be bounded"
+        )
     scale = torch.rsqrt(m.running_var.detach().float() + m.eps)
     if m.weight is not None:
         scale = scale * m.weight.detach().float().abs()
@@ -347,8 +367,14 @@ def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
     )
 
 
-def lipschitz_bound(model: nn.Module, input_shape, method: str = "gram", n_iters: int | None = None,
-                    *, state: SpectralNormState | None = None) -> torch.Tensor:
+def lipschitz_bound(
+    model: nn.Module,
+    input_shape,
+    method: str = "gram",
+    n_iters: int | None = None,
+    *,
+    state: SpectralNormState | None = None,
+) -> torch.Tensor:
     """An upper bound on the 2-norm Lipschitz constant of ``model``'s eval-mode function on
     inputs of ``input_shape`` (no batch dim), from per-layer norms and the rules of the module
     docstring. ``method="gram"`` (default) makes the bound certified; ``"power"`` uses

@@ -55,8 +55,18 @@ class LipschitzPenalty(nn.Module):
         seed: seed of the start vectors (identical on every rank).
     """
 
-    def __init__(self, model: nn.Module, input_shape=None, kind: str = "hinge", target: float = 1.0,
-                 n_iters: int = 1, method: str = "reshaped", *, init_iters: int = 20, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape=None,
+        kind: str = "hinge",
+        target: float = 1.0,
+        n_iters: int = 1,
+        method: str = "reshaped",
+        *,
+        init_iters: int = 20,
+        seed: int = 0,
+    ):
         super().__init__()
         self.kind = _checks.choice("kind", kind, KINDS)
         self.method = _checks.choice("method", method, ("reshaped", "power"))
@@ -139,5 +149,7 @@ class LipschitzPenalty(nn.Module):
         return torch.log(s.clamp_min(torch.finfo(torch.float32).tiny) / self.target).pow(2).sum()
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, target={self.target}, n_iters={self.n_iters}, method={self.method!r}, "
-                f"layers={len(self._layers)}")
+        return (
+            f"kind={self.kind!r}, target={self.target}, n_iters={self.n_iters}, method={self.method!r}, "
+            f"layers={len(self._layers)}"
+        )

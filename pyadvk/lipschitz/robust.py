@@ -21,7 +21,7 @@ the penalty's own gradient sees f'' = 0 almost everywhere.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -133,9 +133,7 @@ def input_gradient_penalty(
         use_margin = torch.rand(batch, generator=generator, device=device) < zeta
         s_random = logits.gather(1, j[:, None])[:, 0]
         true = logits.gather(1, y[:, None])[:, 0]
-        others = logits.masked_fill(
-            torch.nn.functional.one_hot(y, classes).bool(), float("-inf")
-        ).amax(dim=1)
+        others = logits.masked_fill(torch.nn.functional.one_hot(y, classes).bool(), float("-inf")).amax(dim=1)
         s = torch.where(use_margin, true - others, s_random)
         (grad,) = torch.autograd.grad(s.sum(), inputs, create_graph=True)
         g = grad.double() if logits.dtype == torch.float64 else grad.float()

@@ -74,10 +74,15 @@ class AraResult:
         return float((self.distances > 0).double().mean())
 
     def to_dict(self) -> dict:
-        return {"ara": self.ara, "criterion": self.criterion, "num_classes": self.num_classes,
-                "n": int(self.distances.numel()), "unbroken": self.unbroken,
-                "unperturbed_accuracy": self.unperturbed_accuracy,
-                "median_distance": float(self.distances.median()) if self.distances.numel() else 0.0}
+        return {
+            "ara": self.ara,
+            "criterion": self.criterion,
+            "num_classes": self.num_classes,
+            "n": int(self.distances.numel()),
+            "unbroken": self.unbroken,
+            "unperturbed_accuracy": self.unperturbed_accuracy,
+            "median_distance": float(self.distances.median()) if self.distances.numel() else 0.0,
+        }
 
     def plot(self, path: str) -> None:
         """Writes the accuracy curve Acc(ε) as a PNG (see :func:`plot_ara`)."""
@@ -135,16 +140,19 @@ def ara(
     if n is not None:
         _checks.integer("n", n, low=1)
         if distributed.is_distributed():
-            raise ValueError("in a process group pass n=None and limit the images with "
-                             "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)")
+            raise ValueError(
+                "in a process group pass n=None and limit the images with "
+                "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)"
+            )
     distributed.check_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
     attack = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion)
     distances = []
     seen = 0
     total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
-    bar = tqdm(total=total, desc=f"{criterion}-ARA", unit="img", leave=False,
-               disable=not progress or not distributed.is_main())
+    bar = tqdm(
+        total=total, desc=f"{criterion}-ARA", unit="img", leave=False, disable=not progress or not distributed.is_main()
+    )
     for images, labels in loader:
         if n is not None:
             images, labels = images[: n - seen], labels[: n - seen]
@@ -163,5 +171,6 @@ def ara(
         raise ValueError("loader yielded no images")
     if distributed.is_distributed():
         num_classes = int(distributed.all_gather_cat(torch.tensor([num_classes or 0])).max())
-    return AraResult(ara_from_distances(d, num_classes), criterion, num_classes, d,
-                     int((~torch.isfinite(d)).sum()), label)
+    return AraResult(
+        ara_from_distances(d, num_classes), criterion, num_classes, d, int((~torch.isfinite(d)).sum()), label
+    )

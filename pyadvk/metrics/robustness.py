@@ -54,8 +54,10 @@ def robust_accuracy(
 def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
     """Correct predictions after ``attack``, summed over the loader and over the ranks."""
     if n is not None and distributed.is_distributed():
-        raise ValueError("in a process group pass n=None and limit the images with "
-                         "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)")
+        raise ValueError(
+            "in a process group pass n=None and limit the images with "
+            "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)"
+        )
     distributed.check_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
     correct = total = 0

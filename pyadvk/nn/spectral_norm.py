@@ -23,8 +23,15 @@ from pyadvk.lipschitz import conv as conv_norms
 class ConvSpectralNorm(nn.Module):
     """Parametrization ``W -> W / ||conv_W||_2`` for a convolution on ``input_shape``."""
 
-    def __init__(self, conv: nn.Module, input_shape, n_power_iterations: int = 1, eps: float = 1e-12,
-                 *, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        conv: nn.Module,
+        input_shape,
+        n_power_iterations: int = 1,
+        eps: float = 1e-12,
+        *,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         shape = conv_norms.check_input_shape(conv, input_shape)
         self.n_power_iterations = _checks.integer("n_power_iterations", n_power_iterations, low=1)
@@ -61,8 +68,14 @@ class ConvSpectralNorm(nn.Module):
         return f"input_shape={self.input_shape}, n_power_iterations={self.n_power_iterations}"
 
 
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None, input_shape=None) -> nn.Module:
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    input_shape=None,
+) -> nn.Module:
     """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` that divides a convolution's
     weight by the convolution's true operator norm on inputs of ``input_shape`` (``(C_in,
     *spatial)``, required for nn.Conv1d/2d/3d). Other modules get torch's parametrization (their
@@ -86,5 +99,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         )
     if dim not in (None, 0):
         raise ValueError(f"dim must be None or 0 for a convolution, got {dim!r}")
-    parametrize.register_parametrization(module, "weight", ConvSpectralNorm(module, input_shape, n_power_iterations, eps))
+    parametrize.register_parametrization(
+        module, "weight", ConvSpectralNorm(module, input_shape, n_power_iterations, eps)
+    )
     return module

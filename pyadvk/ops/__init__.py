@@ -2,10 +2,10 @@
 kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in kernels/."""
 
 from pyadvk import _extension
+from pyadvk.ops.channel_stats import ChannelStats, channel_stats_update, quantile_threshold
 from pyadvk.ops.half_huber import half_huber_relu
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
 from pyadvk.ops.power_iteration import power_iteration
-from pyadvk.ops.channel_stats import ChannelStats, channel_stats_update, quantile_threshold
 
 # Load the compiled bodies after every schema above is declared.
 _extension.load()

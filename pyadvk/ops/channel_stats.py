@@ -60,15 +60,41 @@ define(f"channel_stats_update_({_STATE_ARGS}, Tensor x, int sample_offset, float
 
 
 @torch.library.register_fake("pyadvk::channel_stats_update_")
-def _fake_update(count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
-                 topk_pos, qbuf, x, sample_offset, lo, hi):
+def _fake_update(
+    count,
+    nan_count,
+    mean,
+    m2,
+    minimum,
+    maximum,
+    hist,
+    topk_values,
+    topk_sample,
+    topk_pos,
+    qbuf,
+    x,
+    sample_offset,
+    lo,
+    hi,
+):
     return None
 
 
 UPDATE = _backend.OpBodies("channel_stats_update", native_ops=("channel_stats_update_",))
 
-_TENSOR_FIELDS = ("count", "nan_count", "mean", "m2", "minimum", "maximum", "hist", "topk_values",
-                  "topk_sample", "topk_pos", "qbuf")
+_TENSOR_FIELDS = (
+    "count",
+    "nan_count",
+    "mean",
+    "m2",
+    "minimum",
+    "maximum",
+    "hist",
+    "topk_values",
+    "topk_sample",
+    "topk_pos",
+    "qbuf",
+)
 
 
 @dataclass
@@ -97,8 +123,17 @@ class ChannelStats:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def create(cls, channels: int, *, topk: int = 16, bins: int = 64, lo: float = 0.0, hi: float = 1.0,
-               quantile_capacity: int = 0, device: torch.device | str = "cpu") -> "ChannelStats":
+    def create(
+        cls,
+        channels: int,
+        *,
+        topk: int = 16,
+        bins: int = 64,
+        lo: float = 0.0,
+        hi: float = 1.0,
+        quantile_capacity: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> ChannelStats:
         """An empty state: ``topk`` >= 1 entries, ``bins`` >= 1 histogram bins over [lo, hi]
         (lo < hi, finite), a quantile buffer of ``quantile_capacity`` >= 0 values per channel."""
         channels = _checks.integer("channels", channels, low=1)
@@ -113,13 +148,19 @@ class ChannelStats:
         f32 = dict(dtype=torch.float32, device=dev)
         f64 = dict(dtype=torch.float64, device=dev)
         return cls(
-            count=torch.zeros(channels, **i64), nan_count=torch.zeros(channels, **i64),
-            mean=torch.zeros(channels, **f64), m2=torch.zeros(channels, **f64),
-            minimum=torch.full((channels,), math.inf, **f32), maximum=torch.full((channels,), -math.inf, **f32),
+            count=torch.zeros(channels, **i64),
+            nan_count=torch.zeros(channels, **i64),
+            mean=torch.zeros(channels, **f64),
+            m2=torch.zeros(channels, **f64),
+            minimum=torch.full((channels,), math.inf, **f32),
+            maximum=torch.full((channels,), -math.inf, **f32),
             hist=torch.zeros(channels, bins + 2, **i64),
             topk_values=torch.full((channels, topk), -math.inf, **f32),
-            topk_sample=torch.full((channels, topk), -1, **i64), topk_pos=torch.full((channels, topk), -1, **i64),
-            qbuf=torch.full((channels, quantile_capacity), -math.inf, **f32), lo=lo, hi=hi,
+            topk_sample=torch.full((channels, topk), -1, **i64),
+            topk_pos=torch.full((channels, topk), -1, **i64),
+            qbuf=torch.full((channels, quantile_capacity), -math.inf, **f32),
+            lo=lo,
+            hi=hi,
         )
 
     @property
@@ -141,13 +182,25 @@ class ChannelStats:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in _TENSOR_FIELDS)
 
-    def clone(self) -> "ChannelStats":
-        return ChannelStats(*(t.clone() for t in self.tensors()), lo=self.lo, hi=self.hi,
-                            spatial_size=self.spatial_size, samples=self.samples, extra=dict(self.extra))
+    def clone(self) -> ChannelStats:
+        return ChannelStats(
+            *(t.clone() for t in self.tensors()),
+            lo=self.lo,
+            hi=self.hi,
+            spatial_size=self.spatial_size,
+            samples=self.samples,
+            extra=dict(self.extra),
+        )
 
-    def to(self, device) -> "ChannelStats":
-        return ChannelStats(*(t.to(device) for t in self.tensors()), lo=self.lo, hi=self.hi,
-                            spatial_size=self.spatial_size, samples=self.samples, extra=dict(self.extra))
+    def to(self, device) -> ChannelStats:
+        return ChannelStats(
+            *(t.to(device) for t in self.tensors()),
+            lo=self.lo,
+            hi=self.hi,
+            spatial_size=self.spatial_size,
+            samples=self.samples,
+            extra=dict(self.extra),
+        )
 
     def variance(self, unbiased: bool = False) -> torch.Tensor:
         """Per-channel variance (float64): m2/count, or m2/(count-1); NaN without enough values."""
@@ -161,24 +214,32 @@ class ChannelStats:
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device="cpu") -> "ChannelStats":
+    def from_state_dict(cls, sd: dict, device="cpu") -> ChannelStats:
         missing = [k for k in _TENSOR_FIELDS + ("lo", "hi", "spatial_size", "samples") if k not in sd]
         if missing:
             raise ValueError(f"state dict of a ChannelStats lacks {', '.join(missing)}")
-        return cls(*(sd[f].to(device) for f in _TENSOR_FIELDS), lo=float(sd["lo"]), hi=float(sd["hi"]),
-                   spatial_size=sd["spatial_size"], samples=int(sd["samples"]))
+        return cls(
+            *(sd[f].to(device) for f in _TENSOR_FIELDS),
+            lo=float(sd["lo"]),
+            hi=float(sd["hi"]),
+            spatial_size=sd["spatial_size"],
+            samples=int(sd["samples"]),
+        )
 
-    def check_compatible(self, other: "ChannelStats", what: str = "other") -> None:
+    def check_compatible(self, other: ChannelStats, what: str = "other") -> None:
         """Raises ValueError unless ``other`` has the same channels, K, bins, range, buffer size
         and spatial size (when both know it)."""
         for name in ("channels", "topk", "bins", "quantile_capacity", "lo", "hi"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
-                raise ValueError(f"{what} has {name}={b}, but this state has {name}={a}: states of "
-                                 "different configurations cannot be combined")
+                raise ValueError(
+                    f"{what} has {name}={b}, but this state has {name}={a}: states of "
+                    "different configurations cannot be combined"
+                )
         if None not in (self.spatial_size, other.spatial_size) and self.spatial_size != other.spatial_size:
-            raise ValueError(f"{what} has spatial_size={other.spatial_size}, but this state has "
-                             f"spatial_size={self.spatial_size}")
+            raise ValueError(
+                f"{what} has spatial_size={other.spatial_size}, but this state has spatial_size={self.spatial_size}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +262,9 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     safe = torch.where(n > 0, n, 1.0)
     delta = mean_b - mean_a
     mean = torch.where(nb > 0, torch.where(na > 0, mean_a + delta * (nb / safe), mean_b), mean_a)
-    m2 = torch.where((na > 0) & (nb > 0), m2_a + m2_b + delta * delta * (na * nb / safe),
-                     torch.where(na > 0, m2_a, m2_b))
+    m2 = torch.where(
+        (na > 0) & (nb > 0), m2_a + m2_b + delta * delta * (na * nb / safe), torch.where(na > 0, m2_a, m2_b)
+    )
     return n_a + n_b, mean, m2
 
 
@@ -238,16 +300,18 @@ def _slots(count: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=count.device) < count.clamp(max=width)[:, None]
 
 
-def merge_selection_(state: ChannelStats, old_count: torch.Tensor, values: torch.Tensor,
-                     keys: torch.Tensor, valid: torch.Tensor) -> None:
+def merge_selection_(
+    state: ChannelStats, old_count: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
+) -> None:
     """Folds candidate (values, keys, valid) of shape (C, L) into the state's top-k and quantile
     buffer, in place; ``old_count`` is the non-NaN count before these candidates."""
     spatial = state.spatial_size
     k = state.topk
     slot = _slots(old_count, k)
     old_keys = torch.where(slot, state.topk_sample * spatial + state.topk_pos, -1)
-    v, kk = merge_topk(torch.cat([state.topk_values, values], 1), torch.cat([old_keys, keys], 1),
-                       torch.cat([slot, valid], 1), k)
+    v, kk = merge_topk(
+        torch.cat([state.topk_values, values], 1), torch.cat([old_keys, keys], 1), torch.cat([slot, valid], 1), k
+    )
     state.topk_values.copy_(v)
     state.topk_sample.copy_(torch.where(kk >= 0, kk // spatial, -1))
     state.topk_pos.copy_(torch.where(kk >= 0, kk % spatial, -1))
@@ -268,8 +332,23 @@ def channel_view(x: torch.Tensor) -> torch.Tensor:
 # The torch body: the definition of the op.
 
 
-def channel_stats_update_reference(count, nan_count, mean, m2, minimum, maximum, hist, topk_values,
-                                   topk_sample, topk_pos, qbuf, x, sample_offset, lo, hi) -> None:
+def channel_stats_update_reference(
+    count,
+    nan_count,
+    mean,
+    m2,
+    minimum,
+    maximum,
+    hist,
+    topk_values,
+    topk_sample,
+    topk_pos,
+    qbuf,
+    x,
+    sample_offset,
+    lo,
+    hi,
+) -> None:
     """Updates the state tensors in place with the batch ``x`` (see the module docstring)."""
     n, c = x.shape[0], x.shape[1]
     spatial = x[0, 0].numel() if n else int(math.prod(x.shape[2:]))
@@ -289,8 +368,22 @@ def channel_stats_update_reference(count, nan_count, mean, m2, minimum, maximum,
     hist.add_(torch.zeros_like(hist).scatter_add_(1, cols, valid.to(torch.int64)))
     nan_count.add_((~valid).sum(1))
     keys = (sample_offset * spatial + torch.arange(v.shape[1], device=v.device)).expand(c, -1)
-    state = ChannelStats(count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
-                         topk_pos, qbuf, lo=lo, hi=hi, spatial_size=max(spatial, 1))
+    state = ChannelStats(
+        count,
+        nan_count,
+        mean,
+        m2,
+        minimum,
+        maximum,
+        hist,
+        topk_values,
+        topk_sample,
+        topk_pos,
+        qbuf,
+        lo=lo,
+        hi=hi,
+        spatial_size=max(spatial, 1),
+    )
     merge_selection_(state, old_count, v, keys, valid)
     count.copy_(new_n)
     mean.copy_(new_mean)
@@ -319,22 +412,26 @@ def check_update(state: ChannelStats, activations: torch.Tensor, sample_offset: 
     _checks.tensor("activations", activations, min_dim=2)
     sample_offset = _checks.integer("sample_offset", sample_offset, low=0)
     if activations.shape[1] != state.channels:
-        raise ValueError(f"activations must have {state.channels} channels (dim 1) like the state, "
-                         f"got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations must have {state.channels} channels (dim 1) like the state, "
+            f"got shape {tuple(activations.shape)}"
+        )
     if activations.device != state.count.device:
-        raise ValueError(f"activations must be on the state's device ({state.count.device}), got "
-                         f"{activations.device}")
+        raise ValueError(f"activations must be on the state's device ({state.count.device}), got {activations.device}")
     spatial = int(math.prod(activations.shape[2:]))
     if spatial == 0:
         raise ValueError(f"activations must have a non-empty spatial size, got shape {tuple(activations.shape)}")
     if state.spatial_size is not None and spatial != state.spatial_size:
-        raise ValueError(f"activations must have {state.spatial_size} spatial values per channel like "
-                         f"the earlier batches, got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations must have {state.spatial_size} spatial values per channel like "
+            f"the earlier batches, got shape {tuple(activations.shape)}"
+        )
     return spatial
 
 
-def channel_stats_update(state: ChannelStats, activations: torch.Tensor, sample_offset: int = 0, *,
-                         backend: str | None = None) -> ChannelStats:
+def channel_stats_update(
+    state: ChannelStats, activations: torch.Tensor, sample_offset: int = 0, *, backend: str | None = None
+) -> ChannelStats:
     """Folds ``activations`` (N, C) or (N, C, *spatial) into ``state`` in place and returns it.
 
     Args:

@@ -143,9 +143,7 @@ class _Body:
         self.double_backward = double_backward
 
 
-_TORCH = _Body(
-    half_huber_relu_reference, half_huber_relu_backward_reference, half_huber_relu_double_backward_reference
-)
+_TORCH = _Body(half_huber_relu_reference, half_huber_relu_backward_reference, half_huber_relu_double_backward_reference)
 
 
 def _native_body() -> _Body:
@@ -177,9 +175,7 @@ def is_dense(t: torch.Tensor) -> bool:
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` have one shape and the same strides on every dim of size > 1."""
-    return a.shape == b.shape and all(
-        n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride())
-    )
+    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

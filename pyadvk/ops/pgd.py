@@ -35,8 +35,7 @@ for _norm in NORMS:
     define(f"pgd_step_{_norm}(Tensor x_adv, {_STEP_ARGS}) -> Tensor")
     define(f"pgd_step_{_norm}_(Tensor(a!) x_adv, {_STEP_ARGS}) -> ()")
 define(
-    "random_init_linf(Tensor x, Tensor noise, float eps, Tensor? eps_per_sample, float lower, "
-    "float upper) -> Tensor"
+    "random_init_linf(Tensor x, Tensor noise, float eps, Tensor? eps_per_sample, float lower, float upper) -> Tensor"
 )
 
 
@@ -58,9 +57,7 @@ def _fake_init(x, noise, eps, eps_per_sample, lower, upper):
     return torch.empty_like(x)
 
 
-STEP = _backend.OpBodies(
-    "pgd_step", native_ops=tuple(f"pgd_step_{n}{s}" for n in NORMS for s in ("", "_"))
-)
+STEP = _backend.OpBodies("pgd_step", native_ops=tuple(f"pgd_step_{n}{s}" for n in NORMS for s in ("", "_")))
 RANDOM_INIT = _backend.OpBodies("random_init", native_ops=("random_init_linf", "pgd_step_l2"))
 
 
@@ -132,8 +129,7 @@ def run_step(norm, inplace, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, low
     """Runs a checked step on the chosen body; x_orig and grad follow x_adv's memory format."""
     fmt = dense_format(x_adv)
     if fmt is None:  # not dense: compute on a contiguous copy (and write back for in-place)
-        y = run_step(norm, False, x_adv.contiguous(), x_orig, grad, eps, alpha, eps_t, alpha_t,
-                      lower, upper, backend)
+        y = run_step(norm, False, x_adv.contiguous(), x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper, backend)
         return x_adv.copy_(y) if inplace else y
     x_orig = x_orig.contiguous(memory_format=fmt)
     grad = grad.contiguous(memory_format=fmt)
@@ -154,9 +150,7 @@ def step_params(x, eps, alpha, norm, lower, upper, check_values=True):
     lower, upper = _checks.bounds(lower, upper)
     batch, device = x.shape[0], x.device
     eps, eps_t = _checks.per_sample("eps", eps, batch, device, check_values=check_values)
-    alpha, alpha_t = _checks.per_sample(
-        "alpha", alpha, batch, device, positive=True, check_values=check_values
-    )
+    alpha, alpha_t = _checks.per_sample("alpha", alpha, batch, device, positive=True, check_values=check_values)
     return norm, eps, eps_t, alpha, alpha_t, lower, upper
 
 

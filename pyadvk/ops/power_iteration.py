@@ -44,8 +44,11 @@ define("power_iteration(Tensor[] weights, Tensor[] us, int n_iters) -> (Tensor, 
 @torch.library.register_fake("pyadvk::power_iteration")
 def _fake(weights, us, n_iters):
     sig = weights[0].new_empty((len(weights),), dtype=torch.float32)
-    return (sig, [w.new_empty((w.shape[0],), dtype=torch.float32) for w in weights],
-            [w.new_empty((w.shape[1],), dtype=torch.float32) for w in weights])
+    return (
+        sig,
+        [w.new_empty((w.shape[0],), dtype=torch.float32) for w in weights],
+        [w.new_empty((w.shape[1],), dtype=torch.float32) for w in weights],
+    )
 
 
 POWER_ITERATION = _backend.OpBodies("power_iteration", native_ops=("power_iteration",))

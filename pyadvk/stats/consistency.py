@@ -134,9 +134,7 @@ def _check_similarity(class_similarity) -> torch.Tensor | None:
     if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
         raise ValueError(f"class_similarity must be finite and >= 0, got minimum {float(a.min())}")
     if not torch.allclose(a, a.t(), rtol=0.0, atol=1e-6):
-        raise ValueError(
-            f"class_similarity must be symmetric, got max |A - Aᵀ| = {float((a - a.t()).abs().max())}"
-        )
+        raise ValueError(f"class_similarity must be symmetric, got max |A - Aᵀ| = {float((a - a.t()).abs().max())}")
     if not torch.allclose(a.diagonal(), torch.ones_like(a.diagonal()), rtol=0.0, atol=1e-6):
         raise ValueError(f"class_similarity must have a unit diagonal, got diagonal {a.diagonal().tolist()}")
     return a
@@ -180,8 +178,9 @@ def _split_batch(batch, name: str, need_labels: bool):
 class _LayerPass:
     """Runs the model on a batch and returns (logits, layer output)."""
 
-    def __init__(self, model: nn.Module, layer: str, outputs, device: torch.device,
-                 num_classes: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layer: str, outputs, device: torch.device, num_classes: int | None = None
+    ) -> None:
         self.model, self.layer, self.outputs, self.device = model, layer, outputs, device
         self.expected_classes = num_classes
         self.num_classes: int | None = None
@@ -233,8 +232,9 @@ def cosine_similarity(features: torch.Tensor, features_adv: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def representation_consistency(model: nn.Module, layer: str, x: torch.Tensor, x_adv: torch.Tensor,
-                               *, batch_size: int = 256) -> float:
+def representation_consistency(
+    model: nn.Module, layer: str, x: torch.Tensor, x_adv: torch.Tensor, *, batch_size: int = 256
+) -> float:
     """Mean cosine similarity between the layer's flattened outputs on ``x`` and on ``x_adv``
     (pairs by position), with the model in eval mode (its modes are restored afterwards)."""
     resolve_layer(model, layer)
@@ -248,8 +248,8 @@ def representation_consistency(model: nn.Module, layer: str, x: torch.Tensor, x_
     with eval_mode([model]), capture(model, [layer]) as outputs:
         run = _LayerPass(model, layer, outputs, device)
         for start in range(0, x.shape[0], batch_size):
-            _, f = run(x[start:start + batch_size])
-            _, f_adv = run(x_adv[start:start + batch_size])
+            _, f = run(x[start : start + batch_size])
+            _, f_adv = run(x_adv[start : start + batch_size])
             total += float(cosine_similarity(f, f_adv).double().sum())
     return total / x.shape[0]
 
@@ -359,12 +359,23 @@ def consistency(
 
     cosine = torch.cat(cosines) if paired else None
     return ConsistencyResult(
-        layer=layer, topk=topk, reduce=reduce, num_classes=num_classes,
-        num_real=real_top.count, num_adv=adv_top.count,
-        consistency_real=consistency_score(p_real, a), consistency_adv=consistency_score(p_adv, a),
-        label_distribution_real=p_real, label_distribution_adv=p_adv, adversarial_fraction=fraction,
-        topk_values_real=real_top.values, topk_labels_real=real_top.labels, topk_indices_real=real_top.indices,
-        topk_values_adv=adv_top.values, topk_labels_adv=adv_top.labels, topk_indices_adv=adv_top.indices,
+        layer=layer,
+        topk=topk,
+        reduce=reduce,
+        num_classes=num_classes,
+        num_real=real_top.count,
+        num_adv=adv_top.count,
+        consistency_real=consistency_score(p_real, a),
+        consistency_adv=consistency_score(p_adv, a),
+        label_distribution_real=p_real,
+        label_distribution_adv=p_adv,
+        adversarial_fraction=fraction,
+        topk_values_real=real_top.values,
+        topk_labels_real=real_top.labels,
+        topk_indices_real=real_top.indices,
+        topk_values_adv=adv_top.values,
+        topk_labels_adv=adv_top.labels,
+        topk_indices_adv=adv_top.indices,
         cosine=cosine,
         representation_consistency=float(cosine.double().mean()) if cosine is not None else None,
     )

@@ -136,7 +136,7 @@ def influential_neurons(
                 replicas = x.repeat((count,) + (1,) * (x.dim() - 1))
                 ablated = _target_probability(model(replicas), target.repeat(count)).view(count, batch)
                 state["mask"] = None
-                pd[:, start:start + count] = base.view(batch, 1) - ablated.t()
+                pd[:, start : start + count] = base.view(batch, 1) - ablated.t()
     finally:
         handle.remove()
 

@@ -77,10 +77,20 @@ class NeuronStats:
         backend: force a body of the update op ("cuda", "triton", "cpp", "torch").
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] | str, *, topk: int = 16, quantile: float = 0.005,
-                 histogram_bins: int = 64, histogram_range: tuple[float, float] | None = None,
-                 num_samples: int | None = None, quantile_buffer: int | None = None,
-                 sample_index: tuple[int, int] = (0, 1), backend: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | str,
+        *,
+        topk: int = 16,
+        quantile: float = 0.005,
+        histogram_bins: int = 64,
+        histogram_range: tuple[float, float] | None = None,
+        num_samples: int | None = None,
+        quantile_buffer: int | None = None,
+        sample_index: tuple[int, int] = (0, 1),
+        backend: str | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(layers, str):
@@ -104,7 +114,8 @@ class NeuronStats:
         self.histogram_range = _check_range(histogram_range, layers)
         self.num_samples = None if num_samples is None else _checks.integer("num_samples", num_samples, low=1)
         self.quantile_buffer = _checks.integer(
-            "quantile_buffer", DEFAULT_QUANTILE_BUFFER if quantile_buffer is None else quantile_buffer, low=0)
+            "quantile_buffer", DEFAULT_QUANTILE_BUFFER if quantile_buffer is None else quantile_buffer, low=0
+        )
         self.sample_index = self._check_index(sample_index)
         self.backend = backend
         self.states: dict[str, cs.ChannelStats | None] = {name: None for name in layers}
@@ -124,7 +135,7 @@ class NeuronStats:
     # -----------------------------------------------------------------------------------------
     # Hooks.
 
-    def __enter__(self) -> "NeuronStats":
+    def __enter__(self) -> NeuronStats:
         self.attach()
         return self
 
@@ -153,6 +164,7 @@ class NeuronStats:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor")
             self.update(name, output.detach())
+
         return hook
 
     def _advance(self, module, inputs, output) -> None:
@@ -165,14 +177,18 @@ class NeuronStats:
         """Folds one layer's activations of the current batch (called by the hooks; call it
         directly to feed activations computed elsewhere, then :meth:`advance`)."""
         if activations.dim() < 2:
-            raise ValueError(f"layer {layer!r}: activations must have at least 2 dims (N, C, ...), got shape "
-                             f"{tuple(activations.shape)}")
+            raise ValueError(
+                f"layer {layer!r}: activations must have at least 2 dims (N, C, ...), got shape "
+                f"{tuple(activations.shape)}"
+            )
         state = self.states[layer]
         if state is None:
             state = self._create(layer, activations)
         if self._batch is not None and self._batch != activations.shape[0]:
-            raise ValueError(f"layer {layer!r} saw a batch of {activations.shape[0]} but another layer saw "
-                             f"{self._batch} in the same forward")
+            raise ValueError(
+                f"layer {layer!r} saw a batch of {activations.shape[0]} but another layer saw "
+                f"{self._batch} in the same forward"
+            )
         if activations.device != state.count.device:
             self.states[layer] = state = state.to(activations.device)
         cs.channel_stats_update(state, activations, self.samples, backend=self.backend)
@@ -201,8 +217,9 @@ class NeuronStats:
             m = cs.quantile_capacity(self.quantile, self.num_samples * spatial)
         else:
             m = self.quantile_buffer
-        state = cs.ChannelStats.create(channels, topk=self.topk, bins=self.histogram_bins, lo=lo, hi=hi,
-                                       quantile_capacity=m, device=a.device)
+        state = cs.ChannelStats.create(
+            channels, topk=self.topk, bins=self.histogram_bins, lo=lo, hi=hi, quantile_capacity=m, device=a.device
+        )
         self.states[layer] = state
         self.spatial_shapes[layer] = tuple(a.shape[2:])
         return state
@@ -210,8 +227,14 @@ class NeuronStats:
     # -----------------------------------------------------------------------------------------
     # Iterating a loader.
 
-    def track(self, loader: Iterable, *, device: torch.device | str | None = None, progress: bool = True,
-              max_samples: int | None = None) -> "NeuronStats":
+    def track(
+        self,
+        loader: Iterable,
+        *,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+        max_samples: int | None = None,
+    ) -> NeuronStats:
         """Runs the model over ``loader`` (batches ``x`` or ``(x, ...)``) under ``torch.no_grad``
         with the hooks attached and a tqdm progress bar (rank 0 only). Resumes after the
         ``self.samples`` samples already seen (e.g. restored with :meth:`load_state_dict`): those
@@ -233,8 +256,14 @@ class NeuronStats:
         if max_samples is not None and total is not None:
             total = min(total, max_samples)
         skip = self.samples
-        bar = tqdm(total=total, initial=min(skip, total or skip), unit="img", desc="neuron stats", leave=False,
-                   disable=not progress or not distributed.is_main())
+        bar = tqdm(
+            total=total,
+            initial=min(skip, total or skip),
+            unit="img",
+            desc="neuron stats",
+            leave=False,
+            disable=not progress or not distributed.is_main(),
+        )
         was_training = self.model.training
         self.model.eval()
         seen = 0
@@ -247,7 +276,7 @@ class NeuronStats:
                         seen += n
                         continue
                     if seen < skip:
-                        x = x[skip - seen:]
+                        x = x[skip - seen :]
                         seen = skip
                     if max_samples is not None:
                         x = x[: max(0, max_samples - seen)]
@@ -292,23 +321,39 @@ class NeuronStats:
                 rest = rest // size
             coords = torch.stack(coords[::-1], -1) if coords else pos.new_zeros(pos.shape + (0,))
             out[name] = {
-                "count": s.count, "nan_count": s.nan_count, "mean": s.mean,
-                "std": s.variance().sqrt(), "min": s.minimum, "max": s.maximum,
-                "topk_values": s.topk_values, "topk_indices": self._global_samples(s.topk_sample),
-                "topk_positions": s.topk_pos, "topk_coords": coords,
-                "threshold": threshold, "threshold_exact": exact,
-                "histogram": s.hist[:, 1:-1], "underflow": s.hist[:, 0], "overflow": s.hist[:, -1],
-                "histogram_range": (s.lo, s.hi), "spatial_shape": tuple(shape), "quantile": self.quantile,
+                "count": s.count,
+                "nan_count": s.nan_count,
+                "mean": s.mean,
+                "std": s.variance().sqrt(),
+                "min": s.minimum,
+                "max": s.maximum,
+                "topk_values": s.topk_values,
+                "topk_indices": self._global_samples(s.topk_sample),
+                "topk_positions": s.topk_pos,
+                "topk_coords": coords,
+                "threshold": threshold,
+                "threshold_exact": exact,
+                "histogram": s.hist[:, 1:-1],
+                "underflow": s.hist[:, 0],
+                "overflow": s.hist[:, -1],
+                "histogram_range": (s.lo, s.hi),
+                "spatial_shape": tuple(shape),
+                "quantile": self.quantile,
             }
         return out
 
     def summary(self) -> dict:
         """:meth:`results` as plain JSON-able lists."""
+
         def plain(v):
             if isinstance(v, torch.Tensor):
-                return [None if (isinstance(x, float) and not math.isfinite(x)) else x for x in v.tolist()] \
-                    if v.dim() == 1 else [plain(r) for r in v]
+                return (
+                    [None if (isinstance(x, float) and not math.isfinite(x)) else x for x in v.tolist()]
+                    if v.dim() == 1
+                    else [plain(r) for r in v]
+                )
             return v
+
         out = {"samples": self.samples, "quantile": self.quantile, "layers": {}}
         for name, r in self.results().items():
             out["layers"][name] = None if r is None else {k: plain(v) for k, v in r.items()}
@@ -322,23 +367,36 @@ class NeuronStats:
     # Checkpoints and shards.
 
     def _config(self) -> dict:
-        return {"layers": list(self.layers), "topk": self.topk, "quantile": self.quantile,
-                "histogram_bins": self.histogram_bins, "histogram_range": self.histogram_range,
-                "num_samples": self.num_samples, "quantile_buffer": self.quantile_buffer}
+        return {
+            "layers": list(self.layers),
+            "topk": self.topk,
+            "quantile": self.quantile,
+            "histogram_bins": self.histogram_bins,
+            "histogram_range": self.histogram_range,
+            "num_samples": self.num_samples,
+            "quantile_buffer": self.quantile_buffer,
+        }
 
     def state_dict(self) -> dict:
         """Everything needed to resume (tensors on the CPU; loadable with weights_only=True)."""
-        return {"format": FORMAT, "config": self._config(), "samples": self.samples,
-                "sample_index": list(self.sample_index), "world_size": distributed.world_size(),
-                "spatial_shapes": {k: (list(v) if v is not None else None) for k, v in self.spatial_shapes.items()},
-                "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()}}
+        return {
+            "format": FORMAT,
+            "config": self._config(),
+            "samples": self.samples,
+            "sample_index": list(self.sample_index),
+            "world_size": distributed.world_size(),
+            "spatial_shapes": {k: (list(v) if v is not None else None) for k, v in self.spatial_shapes.items()},
+            "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()},
+        }
 
     def load_state_dict(self, sd: dict, *, check_world_size: bool = True) -> None:
         """Restores a :meth:`state_dict` of an object with the same configuration; :meth:`track`
         then resumes after the samples already seen. Nothing changes when the check fails."""
         if not isinstance(sd, dict) or sd.get("format") != FORMAT:
-            raise ValueError(f"not a NeuronStats state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}, "
-                             f"expected {FORMAT!r})")
+            raise ValueError(
+                f"not a NeuronStats state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}, "
+                f"expected {FORMAT!r})"
+            )
         self._check_config(sd["config"], "the state dict")
         if check_world_size:
             distributed.check_world_size(sd.get("world_size"), "the NeuronStats state")
@@ -353,7 +411,15 @@ class NeuronStats:
 
     def _check_config(self, config: dict, what: str) -> None:
         mine = self._config()
-        for key in ("layers", "topk", "quantile", "histogram_bins", "histogram_range", "num_samples", "quantile_buffer"):
+        for key in (
+            "layers",
+            "topk",
+            "quantile",
+            "histogram_bins",
+            "histogram_range",
+            "num_samples",
+            "quantile_buffer",
+        ):
             a, b = mine[key], config.get(key)
             if key == "histogram_range":
                 b = _check_range(b, self.layers)
@@ -396,7 +462,7 @@ class NeuronStats:
         except ValueError as exc:
             raise ValueError(f"layer {layer!r}: {exc}") from None
 
-    def merge(self, other: "NeuronStats") -> "NeuronStats":
+    def merge(self, other: NeuronStats) -> NeuronStats:
         """Combines another shard's statistics into this object (in place; returns self): the
         result equals one pass over both shards' data. Sample indices are mapped to dataset
         indices first, after which ``sample_index`` is (0, 1)."""
@@ -411,7 +477,7 @@ class NeuronStats:
         self._set_merged(merged, self.samples + other.samples)
         return self
 
-    def sync(self) -> "NeuronStats":
+    def sync(self) -> NeuronStats:
         """Combines the statistics of every torch.distributed rank (a no-op without a process
         group): each rank's states are all-gathered and merged in rank order (moments with the
         parallel-variance formula, top-k and quantile buffers by selection), so every rank ends
@@ -420,9 +486,12 @@ class NeuronStats:
             return self
         import torch.distributed as dist
 
-        payload = {"config": self._config(), "samples": self.samples,
-                   "spatial_shapes": self.spatial_shapes,
-                   "states": {k: (v.state_dict() if v is not None else None) for k, v in self._globalized().items()}}
+        payload = {
+            "config": self._config(),
+            "samples": self.samples,
+            "spatial_shapes": self.spatial_shapes,
+            "states": {k: (v.state_dict() if v is not None else None) for k, v in self._globalized().items()},
+        }
         gathered: list = [None] * distributed.world_size()
         dist.all_gather_object(gathered, payload)
         merged: dict = {name: None for name in self.layers}
@@ -432,7 +501,9 @@ class NeuronStats:
             samples += part["samples"]
             for name in self.layers:
                 s = part["states"][name]
-                merged[name] = self._merge_one(merged[name], None if s is None else cs.ChannelStats.from_state_dict(s), name)
+                merged[name] = self._merge_one(
+                    merged[name], None if s is None else cs.ChannelStats.from_state_dict(s), name
+                )
                 if self.spatial_shapes[name] is None and part["spatial_shapes"][name] is not None:
                     self.spatial_shapes[name] = tuple(part["spatial_shapes"][name])
         self._set_merged(merged, samples)
@@ -445,8 +516,16 @@ class NeuronStats:
 # Pictures.
 
 
-def plot_top_patches(stats: NeuronStats | dict, dataset, layer: str, channels: Sequence[int],
-                     path: str | os.PathLike, *, receptive_field: int | None = None, k: int | None = None) -> list[str]:
+def plot_top_patches(
+    stats: NeuronStats | dict,
+    dataset,
+    layer: str,
+    channels: Sequence[int],
+    path: str | os.PathLike,
+    *,
+    receptive_field: int | None = None,
+    k: int | None = None,
+) -> list[str]:
     """For each channel of ``channels`` in ``layer``, writes ``path/<layer>_ch<c>.png``: a grid of
     the image patches of its top-k activations (best first), titled with value and dataset index.
 
@@ -506,4 +585,4 @@ def _patch(img: torch.Tensor, coords: list[int], spatial: tuple[int, ...], size:
     cx = int((coords[1] + 0.5) * w / spatial[1])
     half = size // 2
     y0, x0 = max(0, cy - half), max(0, cx - half)
-    return img[:, y0: min(h, cy - half + size), x0: min(w, cx - half + size)]
+    return img[:, y0 : min(h, cy - half + size), x0 : min(w, cx - half + size)]

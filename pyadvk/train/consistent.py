@@ -82,8 +82,9 @@ class ConsistentAdversarialLoss:
     gradients, the model in whatever mode the caller set, as :func:`pgd_adversarial_loss`) and the
     :func:`consistent_loss` of the batch and them. Made by :func:`consistent_adversarial_loss`."""
 
-    def __init__(self, *, eps: float, alpha: float, steps: int, layers, lam: float, norm: str,
-                 backend: str | None) -> None:
+    def __init__(
+        self, *, eps: float, alpha: float, steps: int, layers, lam: float, norm: str, backend: str | None
+    ) -> None:
         self.eps = _checks.real("eps", eps, low=0.0)
         self.alpha = _checks.real("alpha", alpha, low=0.0, low_inclusive=False)
         self.steps = _checks.integer("steps", steps, low=0)
@@ -96,13 +97,16 @@ class ConsistentAdversarialLoss:
         module = unwrap(model)
         for name in self.layers:
             resolve_layer(module, name, argument="layers")
-        adv = PGD(module, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                  backend=self.backend)(images, labels)
+        adv = PGD(module, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm, backend=self.backend)(
+            images, labels
+        )
         return consistent_loss(model, images.detach(), adv, labels, self.layers, self.lam)
 
     def __repr__(self) -> str:
-        return (f"consistent_adversarial_loss(eps={self.eps}, alpha={self.alpha}, steps={self.steps}, "
-                f"layers={self.layers}, lam={self.lam}, norm={self.norm!r})")
+        return (
+            f"consistent_adversarial_loss(eps={self.eps}, alpha={self.alpha}, steps={self.steps}, "
+            f"layers={self.layers}, lam={self.lam}, norm={self.norm!r})"
+        )
 
 
 def consistent_adversarial_loss(
@@ -119,5 +123,6 @@ def consistent_adversarial_loss(
     :class:`pyadvk.train.AdversarialTrainer` or any loop): PGD-``steps`` images in the ``norm``
     ball of radius ``eps`` and :func:`consistent_loss` with weight ``lam`` on ``layers``.
     Arguments are checked here, before any training starts (layer names on the first call)."""
-    return ConsistentAdversarialLoss(eps=eps, alpha=alpha, steps=steps, layers=layers, lam=lam, norm=norm,
-                                     backend=backend)
+    return ConsistentAdversarialLoss(
+        eps=eps, alpha=alpha, steps=steps, layers=layers, lam=lam, norm=norm, backend=backend
+    )

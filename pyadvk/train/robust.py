@@ -82,9 +82,16 @@ class RobustLoss(nn.Module):
         if self.steps and self.fraction > 0:
             attack = PGD(distributed.unwrap(model), eps=self.eps, alpha=self.alpha, steps=self.steps)
             images = half_half(images, labels, attack, fraction=self.fraction, generator=self.generator)
-        penalty, logits = input_gradient_penalty(model, images, labels, zeta=self.zeta, p=self.p,
-                                                 generator=self.generator, return_logits=True,
-                                                 check_values=False)
+        penalty, logits = input_gradient_penalty(
+            model,
+            images,
+            labels,
+            zeta=self.zeta,
+            p=self.p,
+            generator=self.generator,
+            return_logits=True,
+            check_values=False,
+        )
         ce = nn.functional.cross_entropy(logits.float(), labels)
         # psi is updated with the batch's loss before weighting the penalty (the paper's code);
         # under DDP with the loss averaged over ranks, so every rank holds the same psi.

@@ -106,8 +106,12 @@ class AdversarialTrainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         total, count, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
-                   disable=not self.progress or not distributed.is_main())
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {self.epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=not self.progress or not distributed.is_main(),
+        )
         for images, labels in bar:
             images, labels = self._batch(images, labels)
             with self._autocast():
@@ -128,8 +132,7 @@ class AdversarialTrainer:
         if self.scheduler is not None:
             self.scheduler.step()
         total, count = distributed.all_reduce_sum([total, count]).tolist()
-        return {"epoch": self.epoch + 1, "train_loss": total / max(count, 1),
-                "seconds": time.perf_counter() - start}
+        return {"epoch": self.epoch + 1, "train_loss": total / max(count, 1), "seconds": time.perf_counter() - start}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> float:
@@ -161,9 +164,14 @@ class AdversarialTrainer:
         return self.history
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "history": self.history, "model": self.module.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "world_size": distributed.world_size()}
+        state = {
+            "epoch": self.epoch,
+            "history": self.history,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "world_size": distributed.world_size(),
+        }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
