@@ -1,0 +1,229 @@
+"""The fused APGD step (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks", Algorithm 1, lines 6-7).
+
+For x, x_prev, x_orig, grad of shape (B, ...), per sample b (all dims but 0), with eta and eps
+floats or per-sample tensors of shape (B,), momentum a float in [0, 1], arithmetic in float32
+whatever the input dtype, and ``P`` the projection onto the eps-ball around x_orig followed by the
+clip to the box [lower, upper]:
+
+* ``z = P(x + eta * step(grad))``
+* ``y = P(x + momentum * (z - x) + (1 - momentum) * (x - x_prev))``
+
+``linf``: ``step(g) = sign(g)`` and ``P(v) = clamp(clamp(v, x_orig - eps, x_orig + eps), lower,
+upper)`` elementwise. ``l2``: ``step(g) = g / ||g||_2`` (0 when ``||g|| = 0``) and
+``P(v) = clamp(x_orig + d * min(1, eps / ||d||_2), lower, upper)`` with ``d = v - x_orig`` (the
+order of the published algorithm's implementation: ball, then box). NaN gradient entries are set
+to 0, as in :func:`pyadvk.ops.pgd_step`. ``momentum = 1`` gives the first APGD iteration
+(``y = P(z) = z``); the published value for later iterations is 0.75.
+
+``apgd_step_reference`` is the torch body: it defines the op, and every other body (cpp, cuda,
+triton) is tested against it. The step needs three passes over the data for l2 (the norm of g, then
+the norm of the momentum point, then the write) and one for linf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyadvk import _backend, _checks
+from pyadvk.ops._library import define
+from pyadvk.ops.pgd import NORMS, _per_sample_view, _resolve, dense_format
+
+_ARGS = (
+    "Tensor x_orig, Tensor grad, float eta, Tensor? eta_per_sample, float eps, Tensor? eps_per_sample, "
+    "float momentum, float lower, float upper"
+)
+define(f"apgd_step_linf(Tensor x, Tensor x_prev, {_ARGS}) -> Tensor")
+define(f"apgd_step_l2(Tensor x, Tensor x_prev, {_ARGS}) -> Tensor")
+define(f"apgd_step_linf_(Tensor x, Tensor(a!) x_prev, {_ARGS}) -> ()")
+define(f"apgd_step_l2_(Tensor x, Tensor(a!) x_prev, {_ARGS}) -> ()")
+
+
+@torch.library.register_fake("pyadvk::apgd_step_linf")
+def _fake_linf(x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyadvk::apgd_step_l2")
+def _fake_l2(x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyadvk::apgd_step_linf_")
+def _fake_linf_(x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper):
+    return None
+
+
+@torch.library.register_fake("pyadvk::apgd_step_l2_")
+def _fake_l2_(x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper):
+    return None
+
+
+APGD_STEP = _backend.OpBodies(
+    "apgd_step",
+    native_ops=("apgd_step_linf", "apgd_step_l2", "apgd_step_linf_", "apgd_step_l2_"),
+    has_triton=False,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch body: the definition of the op.
+
+
+def _project(v, xo, e, norm: str, lower: float, upper: float) -> torch.Tensor:
+    if norm == "linf":
+        return torch.minimum(torch.maximum(v, xo - e), xo + e).clamp(lower, upper)
+    batch = v.shape[0]
+    d = v - xo
+    dn = d.reshape(batch, -1).norm(dim=1)
+    e = torch.full_like(dn, e) if not isinstance(e, torch.Tensor) else e.reshape(-1)
+    factor = torch.where(dn > e, e / dn, 1.0)
+    return (xo + d * _per_sample_view(factor, v)).clamp(lower, upper)
+
+
+def apgd_step_reference(
+    norm: str, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper
+) -> torch.Tensor:
+    """The APGD step of the module docstring (torch body)."""
+    xk, xp, xo = x.float(), x_prev.float(), x_orig.float()
+    g = torch.where(torch.isnan(grad.float()), 0.0, grad.float())
+    e = eps if eps_t is None else _per_sample_view(eps_t, xk)
+    h = eta if eta_t is None else _per_sample_view(eta_t, xk)
+    if norm == "linf":
+        step = torch.sign(g)
+    else:
+        gn = _per_sample_view(g.reshape(g.shape[0], -1).norm(dim=1), xk)
+        step = torch.where(gn > 0, g / torch.where(gn > 0, gn, 1.0), 0.0)
+    z = _project(xk + h * step, xo, e, norm, lower, upper)
+    w = xk + momentum * (z - xk) + (1.0 - momentum) * (xk - xp)
+    return _project(w, xo, e, norm, lower, upper).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public wrapper.
+
+
+def _run(norm, inplace, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend):
+    fmt = dense_format(x)
+    if fmt is None or dense_format(x_prev) != fmt:
+        y = _run(
+            norm,
+            False,
+            x.contiguous(),
+            x_prev.contiguous(),
+            x_orig,
+            grad,
+            eta,
+            eta_t,
+            eps,
+            eps_t,
+            momentum,
+            lower,
+            upper,
+            backend,
+        )
+        return x_prev.copy_(y) if inplace else y
+    x_orig = x_orig.contiguous(memory_format=fmt)
+    grad = grad.contiguous(memory_format=fmt)
+    args = (x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper)
+    name = _resolve(APGD_STEP, x.device, backend)
+    if name == "torch":
+        y = apgd_step_reference(norm, *args)
+        return x_prev.copy_(y) if inplace else y
+    ops = torch.ops.pyadvk
+    if name == "triton":
+        op = {
+            ("linf", False): ops.apgd_step_linf_triton,
+            ("l2", False): ops.apgd_step_l2_triton,
+            ("linf", True): ops.apgd_step_linf_triton_,
+            ("l2", True): ops.apgd_step_l2_triton_,
+        }[norm, inplace]
+    else:
+        op = {
+            ("linf", False): ops.apgd_step_linf,
+            ("l2", False): ops.apgd_step_l2,
+            ("linf", True): ops.apgd_step_linf_,
+            ("l2", True): ops.apgd_step_l2_,
+        }[norm, inplace]
+    y = op(*args)
+    return x_prev if inplace else y
+
+
+def _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values):
+    for name, t in (("x", x), ("x_prev", x_prev), ("x_orig", x_orig), ("grad", grad)):
+        _checks.tensor(name, t)
+    for name, t in (("x_prev", x_prev), ("x_orig", x_orig), ("grad", grad)):
+        _checks.like(name, t, "x", x)
+    norm = _checks.choice("norm", norm, NORMS)
+    lower, upper = _checks.bounds(lower, upper)
+    momentum = _checks.real("momentum", momentum, low=0.0)
+    if momentum > 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    batch, device = x.shape[0], x.device
+    eta, eta_t = _checks.per_sample("eta", eta, batch, device, check_values=check_values)
+    eps, eps_t = _checks.per_sample("eps", eps, batch, device, check_values=check_values)
+    return norm, eta, eta_t, eps, eps_t, momentum, lower, upper
+
+
+def apgd_step(
+    x: torch.Tensor,
+    x_prev: torch.Tensor,
+    x_orig: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    eta: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    momentum: float = 0.75,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+    backend: str | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """One APGD step (see the module docstring for the formulas); a new tensor.
+
+    Args:
+        x, x_prev, x_orig, grad: (B, ...) tensors of one shape, dtype (float32/float16/bfloat16)
+            and device: the current point, the previous point, the clean images and the gradient
+            of the objective at ``x`` (to ascend).
+        eta: step size (>= 0), a float or a (B,) tensor (APGD halves it per image).
+        eps: radius of the ball around x_orig (>= 0), a float or a (B,) tensor.
+        momentum: weight of the new step against the previous one, in [0, 1] (0.75 in APGD;
+            1 for the first iteration).
+        norm: "linf" or "l2".
+        lower, upper: the box every value is clipped to.
+        backend: force a body ("cuda", "triton", "cpp", "torch").
+        check_values: check per-sample tensors for negative/NaN values (one device sync on CUDA);
+            pass False inside a loop whose values were checked once.
+    """
+    norm, eta, eta_t, eps, eps_t, momentum, lower, upper = _check(
+        x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values
+    )
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _run(norm, False, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend)
+
+
+def apgd_step_(
+    x: torch.Tensor,
+    x_prev: torch.Tensor,
+    x_orig: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    eta: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    momentum: float = 0.75,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+    backend: str | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """In-place :func:`apgd_step`: writes the new point into ``x_prev`` (which the caller no longer
+    needs: the loop then swaps the two buffers) and returns it."""
+    norm, eta, eta_t, eps, eps_t, momentum, lower, upper = _check(
+        x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values
+    )
+    if x.numel() == 0:
+        return x_prev
+    return _run(norm, True, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend)
