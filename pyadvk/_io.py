@@ -34,6 +34,33 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise
 
 
+class CorruptFileError(ValueError):
+    """A file pyadvk reads is damaged: not the archive ``torch.save`` / ``torch.jit.save`` write,
+    truncated, or with an entry whose CRC-32 does not match its bytes."""
+
+
+def check_archive(path: str | os.PathLike, what: str = "file") -> None:
+    """Checks the integrity of a zip archive as ``torch.save`` and ``torch.jit.save`` write them:
+    readable directory, every entry's CRC-32 matching its bytes. Raises :class:`CorruptFileError`
+    naming the file and the first damaged entry. A file that is not a zip archive at all is left to
+    the caller (torch's legacy format has no checksum)."""
+    import zipfile
+
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CorruptFileError(f"{what} {path!r} is corrupted: its zip archive does not read ({exc})") from exc
+    if bad is not None:
+        raise CorruptFileError(
+            f"{what} {path!r} is corrupted: the CRC-32 of its entry {bad!r} does not match its bytes "
+            "(the file was damaged or changed after it was written)"
+        )
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=float)

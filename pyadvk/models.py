@@ -6,13 +6,17 @@ CIFAR variant: 3×3 stem, no max-pool) and ``resnet50`` (the ImageNet one). Each
 
 Model files (:func:`load_model`) are read safely by default:
 
-* a TorchScript archive (``torch.jit.save``): loaded with ``torch.jit.load``;
 * a pyadvk model file (:func:`save_model`: architecture name, its arguments and the weights) or a
   plain state dict with ``arch=`` named: loaded with ``torch.load(weights_only=True)``, which
   unpickles tensors and containers only.
 
-A file holding a pickled ``nn.Module`` is refused unless ``trust_pickle=True``: unpickling runs
-arbitrary code from the file.
+Files that carry code are refused unless ``trust_code=True`` (``--trust-code``; the older name
+``trust_pickle`` / ``--trust-pickle`` still works): a pickled ``nn.Module`` (unpickling runs
+arbitrary code) and a TorchScript archive (``torch.jit.save``: its ``__setstate__`` and ``forward``
+are code from the file, which can for example create or overwrite files through ``torch.from_file``).
+
+Before anything is read, a file's zip archive is checked (every entry's CRC-32): a damaged file
+raises :class:`pyadvk._io.CorruptFileError` instead of loading with changed weights.
 """
 
 from __future__ import annotations
@@ -202,15 +206,31 @@ def load_model(
     path: str | os.PathLike,
     *,
     arch: str | None = None,
+    trust_code: bool = False,
     trust_pickle: bool = False,
     map_location: str | torch.device = "cpu",
     **arch_kwargs: Any,
 ) -> nn.Module:
-    """Loads a model file safely (see the module docstring); the model is returned in eval mode."""
+    """Loads a model file safely (see the module docstring); the model is returned in eval mode.
+
+    ``trust_code=True`` (or its older name ``trust_pickle=True``) allows files that carry code:
+    pickled modules and TorchScript archives. Only for files whose source you trust."""
+    from pyadvk._io import check_archive
+
     path = os.fspath(path)
+    trust_code = bool(trust_code or trust_pickle)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"model file {path!r} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path!r} does not exist")
+    check_archive(path, "model file")
     if _is_torchscript(path):
+        if not trust_code:
+            raise ValueError(
+                f"{path!r} is a TorchScript archive: it carries code that runs when it is loaded and "
+                "called. Pass --trust-code (trust_code=True) only if you trust its source; otherwise "
+                "save the weights with pyadvk train or torch.save(model.state_dict())."
+            )
         try:
             return torch.jit.load(path, map_location=map_location).eval()
         except RuntimeError as exc:
@@ -218,11 +238,11 @@ def load_model(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle:
+        if not trust_code:
             raise ValueError(
                 f"{path!r} is not a TorchScript archive, a pyadvk model file or a state dict: it holds "
                 "pickled code (for example a whole nn.Module). Loading it runs code from the file; "
-                "pass --trust-pickle (trust_pickle=True) only if you trust its source."
+                "pass --trust-code (trust_code=True; formerly --trust-pickle) only if you trust its source."
             ) from exc
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError) as exc:

@@ -146,8 +146,13 @@ def test_help_for_every_command():
             "CIFAR-10 folder '/nonexistent' does not exist",
         ),
         (["ara", "--model", "MODEL", "--data", "imagenet:/x"], "data must be 'digits'"),
-        (["ara", "--model", "PICKLED", "--data", "digits:8"], "pass --trust-pickle"),
-        (["ara", "--model", "BADOUT", "--data", "digits:8"], "the model must return (B, C) logits"),
+        (["ara", "--model", "PICKLED", "--data", "digits:8"], "pass --trust-code"),
+        (["ara", "--model", "BADOUT", "--data", "digits:8"], "is a TorchScript archive: it carries code"),
+        (["ara", "--model", "BADOUT", "--trust-code", "--data", "digits:8"], "the model must return (B, C) logits"),
+        (
+            ["ara", "--model", "BADOUT", "--trust-pickle", "--data", "digits:8"],
+            "the model must return (B, C) logits",
+        ),
         (
             ["explain", "--model", "MODEL", "--image", "/nonexistent.png"],
             "image file '/nonexistent.png' does not exist",

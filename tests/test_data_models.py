@@ -103,9 +103,12 @@ def test_model_files_load_safely(tmp_path):
     # pyadvk model file: architecture recorded, no code unpickled.
     models.save_model(model, tmp_path / "m.pt", "small_cnn", in_channels=1, num_classes=10, input_size=16, width=8)
     torch.testing.assert_close(models.load_model(tmp_path / "m.pt")(x), expected)
-    # TorchScript archive.
+    # TorchScript archive: code, so only with trust_code (or its older name trust_pickle).
     torch.jit.trace(model, x).save(str(tmp_path / "ts.pt"))
-    torch.testing.assert_close(models.load_model(tmp_path / "ts.pt")(x), expected)
+    with pytest.raises(ValueError, match="is a TorchScript archive: it carries code .* --trust-code"):
+        models.load_model(tmp_path / "ts.pt")
+    torch.testing.assert_close(models.load_model(tmp_path / "ts.pt", trust_code=True)(x), expected)
+    torch.testing.assert_close(models.load_model(tmp_path / "ts.pt", trust_pickle=True)(x), expected)
     # Bare state dict: needs the architecture.
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="bare state dict: name its architecture with --arch"):
@@ -120,7 +123,7 @@ def test_model_files_load_safely(tmp_path):
 
 def test_pickled_modules_need_trust(tmp_path):
     torch.save(_small(), tmp_path / "pickled.pt")
-    with pytest.raises(ValueError, match="holds pickled code .* pass --trust-pickle"):
+    with pytest.raises(ValueError, match="holds pickled code .* pass --trust-code"):
         models.load_model(tmp_path / "pickled.pt")
     assert isinstance(models.load_model(tmp_path / "pickled.pt", trust_pickle=True), torch.nn.Module)
     (tmp_path / "junk.pt").write_bytes(b"not a model at all")

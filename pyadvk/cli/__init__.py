@@ -14,6 +14,7 @@ import sys
 
 from pyadvk import distributed
 from pyadvk.cli import ara, bench, demo, explain, info, stats, train
+from pyadvk._io import CorruptFileError
 from pyadvk.cli.common import UserError
 
 COMMANDS = (info, demo, train, ara, explain, stats, bench)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PYADVK_DEBUG") == "1":
             raise
         print(f"pyadvk {args.command}: error: {exc}", file=sys.stderr)
-        if not isinstance(exc, (UserError, FileNotFoundError)):
+        if not isinstance(exc, (UserError, FileNotFoundError, CorruptFileError)):
             print("(set PYADVK_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,7 +38,7 @@ def device_from(args) -> torch.device:
 
 
 def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) -> None:
-    """--model/--arch/--num-classes/--in-channels/--trust-pickle. With ``random_weights`` the
+    """--model/--arch/--num-classes/--in-channels/--trust-code. With ``random_weights`` the
     model file is optional: --arch alone builds that architecture with random weights."""
     p.add_argument(
         "--model",
@@ -57,9 +57,12 @@ def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) 
     p.add_argument("--num-classes", type=int, default=None, help="classes of --arch (default: the data's)")
     p.add_argument("--in-channels", type=int, default=None, help="input channels of --arch (default: the data's)")
     p.add_argument(
+        "--trust-code",
         "--trust-pickle",
+        dest="trust_code",
         action="store_true",
-        help="allow model files that hold pickled code (runs code from the file: only if you trust it)",
+        help="allow model files that carry code: pickled modules and TorchScript archives (runs code "
+        "from the file: only if you trust it; --trust-pickle is the older name)",
     )
 
 
@@ -79,7 +82,7 @@ def arch_kwargs(
 
 def load_model(args, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
     kwargs = arch_kwargs(args.arch, info, args.num_classes, args.in_channels) if args.arch else {}
-    return models.load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, map_location=device, **kwargs)
+    return models.load_model(args.model, arch=args.arch, trust_code=args.trust_code, map_location=device, **kwargs)
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks, distributed
-from pyadvk._io import save_figure, save_json, save_torch
+from pyadvk._io import check_archive, save_figure, save_json, save_torch
 from pyadvk.ops import channel_stats as cs
 
 FORMAT = "pyadvk-neuron-stats/1"
@@ -431,7 +431,9 @@ class NeuronStats:
         save_torch(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike, **kwargs) -> None:
-        """Restores a file written by :meth:`save`."""
+        """Restores a file written by :meth:`save` (its zip archive checked first: a damaged file
+        raises :class:`pyadvk._io.CorruptFileError`)."""
+        check_archive(path, "statistics file")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), **kwargs)
 
     def _globalized(self) -> dict[str, cs.ChannelStats | None]:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
-from pyadvk._io import save_torch
+from pyadvk._io import check_archive, save_torch
 from pyadvk.train.adversarial import pgd_adversarial_loss
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,6 +200,7 @@ class AdversarialTrainer:
         distributed.barrier()
 
     def load_checkpoint(self, path: str) -> None:
+        check_archive(path, "checkpoint")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:

@@ -1,0 +1,135 @@
+"""Files from elsewhere are data: code-carrying files are refused without --trust-code, and
+damaged files are reported as such before anything is used (issue 13, items 1 and 3)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pyadvk import models
+from pyadvk._io import CorruptFileError, check_archive, save_torch
+from pyadvk.stats import NeuronStats
+
+
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return models.SmallCNN(1, 10, 16, width=8).eval()
+
+
+class _WritesAFile(nn.Module):
+    """A scripted module whose forward creates a file through torch.from_file (shared=True)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.from_file(self.path, True, 16, dtype=torch.uint8)
+        return x.flatten(1)[:, :10] + 0 * t[0].float()
+
+
+def _flip_middle(path, n: int = 64) -> None:
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_torchscript_is_refused_without_trust_and_never_loaded(tmp_path, monkeypatch):
+    target = tmp_path / "created_by_the_model"
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(_WritesAFile(str(target))).save(str(path))
+    called = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: called.append(a))
+    with pytest.raises(ValueError, match="TorchScript archive: it carries code"):
+        models.load_model(path)
+    assert called == [], "torch.jit.load ran on an untrusted file"
+    monkeypatch.undo()
+    # With trust the user gets what they asked for: the module's code runs.
+    loaded = models.load_model(path, trust_code=True)
+    loaded(torch.rand(1, 1, 4, 4))
+    assert target.exists()
+
+
+@pytest.mark.parametrize("kind", ["model", "state_dict", "torchscript"])
+def test_flipped_bytes_in_a_model_file_are_reported(tmp_path, kind):
+    model = _small()
+    path = tmp_path / "m.pt"
+    if kind == "model":
+        models.save_model(model, path, "small_cnn", in_channels=1, num_classes=10, input_size=16, width=8)
+    elif kind == "state_dict":
+        torch.save(model.state_dict(), path)
+    else:
+        torch.jit.trace(model, torch.rand(1, 1, 16, 16)).save(str(path))
+    check_archive(path)  # intact
+    _flip_middle(path)
+    with pytest.raises(CorruptFileError, match="is corrupted"):
+        models.load_model(path, arch="small_cnn", trust_code=True, in_channels=1, num_classes=10, input_size=16)
+
+
+def test_truncated_and_random_files(tmp_path):
+    path = tmp_path / "m.pt"
+    models.save_model(_small(), path, "small_cnn", in_channels=1, num_classes=10, input_size=16, width=8)
+    data = open(path, "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        models.load_model(tmp_path / "truncated.pt")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError):
+        models.load_model(tmp_path / "random.pt")
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        models.load_model(tmp_path)
+
+
+def test_flipped_checkpoint_and_statistics_files(tmp_path):
+    from pyadvk.train.trainer import AdversarialTrainer
+
+    ckpt = tmp_path / "checkpoint.pt"
+    save_torch({"model": _small().state_dict(), "epoch": 3}, ckpt)
+    _flip_middle(ckpt)
+    trainer = AdversarialTrainer.__new__(AdversarialTrainer)
+    with pytest.raises(CorruptFileError, match="checkpoint .* is corrupted"):
+        trainer.load_checkpoint(str(ckpt))
+
+    model = _small()
+    stats = NeuronStats(model, layers=["features"])
+    with stats, torch.no_grad():
+        model(torch.rand(4, 1, 16, 16))
+    path = tmp_path / "stats.pt"
+    stats.save(path)
+    _flip_middle(path, 16)
+    with pytest.raises(CorruptFileError, match="statistics file .* is corrupted"):
+        NeuronStats(model, layers=["features"]).load(path)
+
+
+def test_cli_reports_a_corrupted_model_in_one_line(tmp_path):
+    path = tmp_path / "m.pt"
+    models.save_model(_small(), path, "small_cnn", in_channels=1, num_classes=10, input_size=16, width=8)
+    _flip_middle(path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyadvk",
+            "ara",
+            "--model",
+            str(path),
+            "--data",
+            "digits:8",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is corrupted" in lines[0], out.stderr
+    assert not (tmp_path / "o").exists()
