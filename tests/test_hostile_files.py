@@ -133,3 +133,81 @@ def test_cli_reports_a_corrupted_model_in_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "is corrupted" in lines[0], out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _tracked_stats(tmp_path):
+    model = _small()
+    stats = NeuronStats(model, layers=["features"], topk=4, quantile_buffer=8)
+    with stats, torch.no_grad():
+        model(torch.rand(6, 1, 16, 16))
+    path = tmp_path / "stats.pt"
+    stats.save(path)
+    return model, stats, path
+
+
+def _set(field, value):
+    def tamper(s):
+        s[field] = value(s[field]) if callable(value) else value
+
+    return tamper
+
+
+def _edit(field, fn):
+    def tamper(s):
+        t = s[field].clone()
+        fn(t)
+        s[field] = t
+
+    return tamper
+
+
+TAMPERINGS = {
+    "count -1": (_edit("count", lambda t: t.__setitem__(0, -1)), "count, nan_count and hist must be >= 0"),
+    "nan_count -1": (_edit("nan_count", lambda t: t.__setitem__(0, -1)), "must be >= 0"),
+    "count not the histogram's": (_edit("count", lambda t: t.add_(1)), "histogram must sum to its count"),
+    "huge count": (_edit("count", lambda t: t.fill_(2**40)), "histogram must sum"),
+    "lo >= hi": (_set("lo", 5.0), "finite with lo < hi"),
+    "lo NaN": (_set("lo", float("nan")), "finite with lo < hi"),
+    "hi inf": (_set("hi", float("inf")), "finite with lo < hi"),
+    "top-k unsorted": (_edit("topk_values", lambda t: t[:, 0].fill_(-1e30)), "sorted, largest first"),
+    "top-k NaN": (_edit("topk_values", lambda t: t[:, 0].fill_(float("nan"))), "must not hold NaN"),
+    "top-k position": (_edit("topk_pos", lambda t: t[:, 0].fill_(10**9)), "positions must be < spatial_size"),
+    "top-k sample": (_edit("topk_sample", lambda t: t[:, 0].fill_(-5)), "must be >= 0"),
+    "quantile buffer unsorted": (_edit("qbuf", lambda t: t[:, 0].fill_(-1e30)), "quantile buffer must be sorted"),
+    "dtype": (_set("count", lambda t: t.float()), "count must be a torch.int64 tensor"),
+    "shape": (_set("mean", lambda t: t[:-1]), "mean must have shape"),
+    "hist shape": (_set("hist", lambda t: t[:, :2]), "bins >= 1"),
+    "samples": (_set("samples", -1), "samples must be an int >= 0"),
+    "spatial_size": (_set("spatial_size", 0), "spatial_size must be None or an int >= 1"),
+    "m2 negative": (_edit("m2", lambda t: t.fill_(-1.0)), "m2 .* must be >= 0"),
+    "not a tensor": (_set("maximum", [1.0, 2.0]), "maximum must be a torch.float32 tensor"),
+    "missing field": (lambda s: s.pop("qbuf"), "lacks qbuf"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERINGS))
+def test_a_tampered_statistics_file_is_refused_and_changes_nothing(tmp_path, name):
+    model, stats, path = _tracked_stats(tmp_path)
+    sd = torch.load(path, weights_only=True)
+    tamper, message = TAMPERINGS[name]
+    tamper(sd["states"]["features"])
+    torch.save(sd, path)  # a valid archive with a bad state: the CRCs match, the content is wrong
+    fresh = NeuronStats(model, layers=["features"], topk=4, quantile_buffer=8)
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=message):
+        fresh.load(path)
+    after = fresh.state_dict()
+    assert after["samples"] == before["samples"] and after["states"] == before["states"]
+    # the object is still usable: tracking works and gives the untampered statistics
+    with fresh, torch.no_grad():
+        model(torch.rand(6, 1, 16, 16))
+    assert fresh.samples == 6
+
+
+def test_an_intact_statistics_file_resumes(tmp_path):
+    model, stats, path = _tracked_stats(tmp_path)
+    fresh = NeuronStats(model, layers=["features"], topk=4, quantile_buffer=8)
+    fresh.load(path)
+    a, b = fresh.state_dict()["states"]["features"], stats.state_dict()["states"]["features"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key

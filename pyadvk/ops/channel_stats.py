@@ -215,9 +215,9 @@ class ChannelStats:
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu") -> ChannelStats:
-        missing = [k for k in _TENSOR_FIELDS + ("lo", "hi", "spatial_size", "samples") if k not in sd]
-        if missing:
-            raise ValueError(f"state dict of a ChannelStats lacks {', '.join(missing)}")
+        """The state saved by :meth:`state_dict`, after :func:`validate_state_dict` (a state read
+        from a file is data: every field is checked before any body sees it)."""
+        validate_state_dict(sd)
         return cls(
             *(sd[f].to(device) for f in _TENSOR_FIELDS),
             lo=float(sd["lo"]),
@@ -240,6 +240,102 @@ class ChannelStats:
             raise ValueError(
                 f"{what} has spatial_size={other.spatial_size}, but this state has spatial_size={self.spatial_size}"
             )
+
+
+_FIELD_DTYPES = {
+    "count": torch.int64,
+    "nan_count": torch.int64,
+    "mean": torch.float64,
+    "m2": torch.float64,
+    "minimum": torch.float32,
+    "maximum": torch.float32,
+    "hist": torch.int64,
+    "topk_values": torch.float32,
+    "topk_sample": torch.int64,
+    "topk_pos": torch.int64,
+    "qbuf": torch.float32,
+}
+
+
+def validate_state_dict(sd) -> None:
+    """Raises ValueError unless ``sd`` is a consistent :meth:`ChannelStats.state_dict`: every
+    field present with its dtype and shape; counts >= 0 with ``sum(hist[c]) == count[c]``;
+    ``count <= samples * spatial_size``; a finite range with lo < hi; m2 >= 0; min <= max where
+    count > 0; the first ``min(count, K)`` top-k entries sorted (largest first) with valid sample
+    indices and positions, the rest empty (-inf, -1); the quantile buffer sorted. A tampered or
+    damaged file fails here instead of reaching a kernel (which trusts these invariants)."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"ChannelStats state dict: {what}")
+
+    if not isinstance(sd, dict):
+        raise bad(f"expected a dict, got {type(sd).__name__}")
+    missing = [k for k in _TENSOR_FIELDS + ("lo", "hi", "spatial_size", "samples") if k not in sd]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}")
+    for name in _TENSOR_FIELDS:
+        t = sd[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != _FIELD_DTYPES[name] or t.layout != torch.strided:
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise bad(f"{name} must be a {_FIELD_DTYPES[name]} tensor, got {what}")
+    count, nan_count = sd["count"], sd["nan_count"]
+    if count.dim() != 1 or count.shape[0] < 1:
+        raise bad(f"count must have shape (C,) with C >= 1, got {tuple(count.shape)}")
+    c = count.shape[0]
+    k = sd["topk_values"].shape[1] if sd["topk_values"].dim() == 2 else -1
+    shapes = {
+        "nan_count": (c,),
+        "mean": (c,),
+        "m2": (c,),
+        "minimum": (c,),
+        "maximum": (c,),
+        "topk_values": (c, max(k, 1)),
+        "topk_sample": (c, max(k, 1)),
+        "topk_pos": (c, max(k, 1)),
+    }
+    for name, shape in shapes.items():
+        if tuple(sd[name].shape) != shape:
+            raise bad(f"{name} must have shape {shape}, got {tuple(sd[name].shape)}")
+    hist, qbuf = sd["hist"], sd["qbuf"]
+    if hist.dim() != 2 or hist.shape[0] != c or hist.shape[1] < 3:
+        raise bad(f"hist must have shape ({c}, bins + 2) with bins >= 1, got {tuple(hist.shape)}")
+    if qbuf.dim() != 2 or qbuf.shape[0] != c:
+        raise bad(f"qbuf must have shape ({c}, M), got {tuple(qbuf.shape)}")
+    lo, hi = sd["lo"], sd["hi"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+        raise bad(f"lo and hi must be numbers, got {lo!r} and {hi!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise bad(f"the histogram range must be finite with lo < hi, got lo={lo}, hi={hi}")
+    spatial, samples = sd["spatial_size"], sd["samples"]
+    if spatial is not None and (isinstance(spatial, bool) or not isinstance(spatial, int) or spatial < 1):
+        raise bad(f"spatial_size must be None or an int >= 1, got {spatial!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise bad(f"samples must be an int >= 0, got {samples!r}")
+    if bool((count < 0).any()) or bool((nan_count < 0).any()) or bool((hist < 0).any()):
+        raise bad("count, nan_count and hist must be >= 0")
+    if not torch.equal(hist.sum(dim=1), count):
+        raise bad("every channel's histogram must sum to its count (the file was changed or damaged)")
+    if spatial is not None and bool((count + nan_count > samples * spatial).any()):
+        raise bad(f"more values counted than samples * spatial_size = {samples} * {spatial}")
+    if bool((sd["m2"] < 0).any()):
+        raise bad("m2 (sum of squared deviations) must be >= 0")
+    seen = count > 0
+    if bool((sd["minimum"][seen] > sd["maximum"][seen]).any()):
+        raise bad("minimum must be <= maximum in every channel with values")
+    values, sample, pos = sd["topk_values"], sd["topk_sample"], sd["topk_pos"]
+    if bool(torch.isnan(values).any()) or bool(torch.isnan(qbuf).any()):
+        raise bad("top-k values and the quantile buffer must not hold NaN (NaN values are only counted)")
+    used = torch.arange(values.shape[1], device=values.device)[None, :] < count.clamp(max=values.shape[1])[:, None]
+    if bool((sample[used] < 0).any()) or bool((pos[used] < 0).any()):
+        raise bad("top-k sample indices and positions must be >= 0")
+    if spatial is not None and bool((pos[used] >= spatial).any()):
+        raise bad(f"top-k positions must be < spatial_size = {spatial}")
+    if bool((values[~used] != -math.inf).any()) or bool((sample[~used] != -1).any()) or bool((pos[~used] != -1).any()):
+        raise bad("top-k entries past min(count, K) must be empty (value -inf, indices -1)")
+    if values.shape[1] > 1 and bool((values[:, 1:] > values[:, :-1]).any()):
+        raise bad("top-k values must be sorted, largest first")
+    if qbuf.shape[1] > 1 and bool((qbuf[:, 1:] > qbuf[:, :-1]).any()):
+        raise bad("the quantile buffer must be sorted, largest first")
 
 
 # ---------------------------------------------------------------------------------------------

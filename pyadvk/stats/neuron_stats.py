@@ -397,17 +397,44 @@ class NeuronStats:
                 f"not a NeuronStats state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}, "
                 f"expected {FORMAT!r})"
             )
+        missing = [k for k in ("config", "samples", "sample_index", "spatial_shapes", "states") if k not in sd]
+        if missing:
+            raise ValueError(f"NeuronStats state dict lacks {', '.join(missing)}")
+        if not isinstance(sd["config"], dict):
+            raise ValueError(f"NeuronStats state dict: config must be a dict, got {type(sd['config']).__name__}")
         self._check_config(sd["config"], "the state dict")
         if check_world_size:
             distributed.check_world_size(sd.get("world_size"), "the NeuronStats state")
-        states = {}
+        samples = sd["samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"NeuronStats state dict: samples must be an int >= 0, got {samples!r}")
+        sample_index = self._check_index(sd["sample_index"])
+        if not isinstance(sd["states"], dict) or not isinstance(sd["spatial_shapes"], dict):
+            raise ValueError("NeuronStats state dict: states and spatial_shapes must be dicts")
+        states: dict[str, cs.ChannelStats | None] = {}
         for name in self.layers:
             s = sd["states"].get(name)
-            states[name] = None if s is None else cs.ChannelStats.from_state_dict(s)
+            try:
+                states[name] = None if s is None else cs.ChannelStats.from_state_dict(s)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from exc
+            state = states[name]
+            if state is not None and state.samples > samples:
+                raise ValueError(
+                    f"layer {name!r}: its state counts {state.samples} samples, more than the {samples} seen"
+                )
+        spatial_shapes = {}
+        for k, v in sd["spatial_shapes"].items():
+            if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(d, int) and d >= 1 for d in v)):
+                raise ValueError(
+                    f"NeuronStats state dict: spatial shape of {k!r} must be a list of ints >= 1, got {v!r}"
+                )
+            spatial_shapes[k] = tuple(v) if v is not None else None
+        # every check passed: only now is anything changed
         self.states = states
-        self.spatial_shapes = {k: (tuple(v) if v is not None else None) for k, v in sd["spatial_shapes"].items()}
-        self.samples = int(sd["samples"])
-        self.sample_index = self._check_index(tuple(sd["sample_index"]))
+        self.spatial_shapes = spatial_shapes
+        self.samples = samples
+        self.sample_index = sample_index
 
     def _check_config(self, config: dict, what: str) -> None:
         mine = self._config()
