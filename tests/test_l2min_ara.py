@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyadvk import explain, metrics
 from pyadvk.attacks import L2Min
+from pyadvk.metrics.ara import ara_histogram, reference_indices
 
 
 def linear_model(dim=12, classes=2, seed=0):
@@ -85,12 +87,15 @@ def test_ara_is_the_exact_area():
     assert metrics.ara_from_distances(torch.tensor([0.0, 0.0]), 10) == 0.0
 
 
-def test_ara_end_to_end_and_plot(tmp_path):
+@pytest.mark.parametrize("attack", ["l2min", "best"])
+def test_ara_end_to_end_and_plot(tmp_path, attack):
+    if attack == "best":
+        pytest.importorskip("pyadvk.attacks.fab")
     model = linear_model(classes=2)
     x = torch.rand(30, 1, 3, 4)
     labels = model(x).argmax(1)
     loader = DataLoader(TensorDataset(x, labels), batch_size=7)
-    result = metrics.ara(model, loader, n=20, steps=100, budget=2.0, progress=False)
+    result = metrics.ara(model, loader, n=20, steps=100, budget=2.0, progress=False, attack=attack)
     assert result.distances.shape == (20,) and result.unbroken == 0
     assert result.unperturbed_accuracy == 1.0
     assert result.ara == pytest.approx(metrics.ara_from_distances(result.distances, 2))
@@ -133,3 +138,136 @@ def test_adversarial_explanation_moves_toward_each_target(tmp_path):
         explain.adversarial_explanation(model, x, [5])
     with pytest.raises(ValueError, match="rho must be > 0.0"):
         explain.adversarial_explanation(model, x, rho=0)
+
+
+def reference_walk(model, x0, labels, steps, budget, momentum, btr=False):
+    """A direct transcription of the reference procedure: N + 1 evaluations of x0 + δ (no clip);
+    direction ∇CE while not broken, −δ once broken, scaled by 1 / (1e-8 + rms); momentum
+    m = μ m + (1 − μ) d taken as the step, not renormalised; δ += S (N − k) / (N (N + 1) / 2) · m;
+    the smallest successful δ by mean(δ²) kept."""
+    delta = torch.zeros_like(x0)
+    mom = torch.zeros_like(x0)
+    best = torch.zeros_like(x0)
+    best_sq = torch.full((x0.shape[0],), 1e30)
+    dims = tuple(range(1, x0.dim()))
+    for step in range(steps + 1):
+        d = delta.clone().requires_grad_()
+        out = model(x0 + d)
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(out, labels, reduction="none").sum(), d)
+        if btr:
+            follow = (out.softmax(1).gather(1, labels[:, None])[:, 0] > 1 / out.shape[1]).float()
+        else:
+            follow = (out.argmax(1) == labels).float()
+        sq = delta.pow(2).mean(dims)
+        take = (follow == 0) & (sq < best_sq)
+        best[take] = delta[take]
+        best_sq[take] = sq[take]
+        if step == steps:
+            break
+        f = follow.view(-1, 1, 1, 1)
+        sdir = f * g + (1 - f) * -delta
+        sdir /= 1e-8 + sdir.pow(2).mean(dims).sqrt().view(-1, 1, 1, 1)
+        mom.mul_(momentum).add_(sdir, alpha=1 - momentum)
+        delta.add_(mom, alpha=budget * (steps - step) / (steps * (steps + 1) / 2))
+    return x0 + best
+
+
+def small_cnn(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 5, classes)).eval()
+
+
+@pytest.mark.parametrize("criterion", ["misclassify", "btr"])
+def test_l2min_reference_procedure_matches_a_transcription(criterion):
+    model = small_cnn()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(9, 1, 5, 5, generator=g)
+    labels = model(x).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 4  # two already wrong: distance 0
+    res = L2Min(model, steps=40, budget=6.0, criterion=criterion, procedure="reference")(x, labels)
+    expected = reference_walk(model, x, labels, 40, 6.0, 0.9, btr=criterion == "btr")
+    assert res.broken.all() and not res.late.any()
+    assert torch.equal(res.images, expected)
+    assert torch.equal(res.distances, (expected - x).pow(2).mean((1, 2, 3)).sqrt())
+    if criterion == "misclassify":
+        assert torch.equal(res.distances[:2], torch.zeros(2))
+        assert torch.equal(res.first_broken[:2], torch.zeros(2, dtype=torch.int64))
+
+
+def test_l2min_reference_differs_from_pyadvk_no_box_and_unnormalised_momentum():
+    """The reference leaves the box; pyadvk's default stays in it and is a different walk."""
+    model = small_cnn(seed=3)
+    x = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(2))
+    x[:, :, :2] = 1.0  # pixels at the box edge: the gradient pushes some of them out
+    labels = model(x).argmax(1)
+    ref = L2Min(model, steps=30, budget=8.0, procedure="reference")(x, labels)
+    ours = L2Min(model, steps=30, budget=8.0)(x, labels)
+    assert ref.broken.all() and ours.broken.all()
+    assert (ref.images > 1.0).any()
+    assert (ours.images <= 1.0).all() and (ours.images >= 0.0).all()
+    assert not torch.equal(ref.distances, ours.distances)
+
+
+def test_l2min_reference_reports_late_images_instead_of_failing():
+    model = linear_model(classes=3, seed=4)
+    x = torch.rand(5, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    labels = model(x).argmax(1)
+    with pytest.warns(UserWarning, match=r"5 of 5 images broke after the first half of the 6 steps or never"):
+        res = L2Min(model, steps=6, budget=1e-3, procedure="reference")(x, labels)
+    assert res.late.all() and res.unbroken == 5 and torch.isinf(res.distances).all()
+    assert torch.equal(res.first_broken, torch.full((5,), -1)) and torch.equal(res.images, x)
+    # a budget that breaks every image early: no warning, first_broken within the first half
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = L2Min(model, steps=40, budget=20.0, procedure="reference")(x, labels)
+    assert res.broken.all() and (res.first_broken <= 20).all() and not res.late.any()
+
+
+def test_l2min_default_procedure_records_first_broken_and_rejects_bad_procedure():
+    model = linear_model(classes=3, seed=4)
+    x = torch.rand(5, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    labels = model(x).argmax(1)
+    res = L2Min(model, steps=40, budget=20.0, lower=-10, upper=10)(x, labels)
+    assert res.broken.all() and (res.first_broken >= 1).all() and (res.first_broken <= 40).all()
+    assert res.steps == 40
+    with pytest.raises(ValueError, match="procedure must be one of 'pyadvk', 'reference'; got 'paper'"):
+        L2Min(model, procedure="paper")
+
+
+def test_reference_permutation_and_histogram_area():
+    # the reference seeds the global generator with 1776 and permutes the test set
+    with torch.random.fork_rng():
+        torch.manual_seed(1776)
+        expected = torch.randperm(50)
+    state = torch.get_rng_state()
+    assert torch.equal(reference_indices(50, 7), expected[:7])
+    assert torch.equal(torch.get_rng_state(), state)  # global random state untouched
+    assert torch.equal(
+        reference_indices(50, None, seed=3), torch.randperm(50, generator=torch.Generator().manual_seed(3))
+    )
+    # histogram sum: from below, to the exact area as the bins get finer
+    r = torch.rand(300, generator=torch.Generator().manual_seed(0)) * 0.1
+    exact = metrics.ara_from_distances(r, 10)
+    coarse, fine = ara_histogram(r, 10), ara_histogram(r, 10, bins=100000)
+    assert coarse <= exact + 1e-7 and exact - coarse < 0.1 / 1000
+    assert fine == pytest.approx(exact, rel=1e-3)
+    with pytest.raises(ValueError, match="ara_histogram needs finite distances"):
+        ara_histogram(torch.tensor([0.1, math.inf]), 10)
+
+
+def test_ara_reference_uses_the_seeded_permutation():
+    model = small_cnn(seed=5, classes=3)
+    x = torch.rand(40, 1, 5, 5, generator=torch.Generator().manual_seed(6))
+    labels = model(x).argmax(1)
+    loader = DataLoader(TensorDataset(x, labels), batch_size=16)
+    result = metrics.ara(model, loader, attack="reference", n=12, steps=40, budget=6.0, seed=11, progress=False)
+    idx = reference_indices(40, 12, seed=11)
+    direct = L2Min(model, steps=40, budget=6.0, procedure="reference")(x[idx], labels[idx])
+    torch.testing.assert_close(result.distances, direct.distances, rtol=0, atol=0)
+    assert result.integral == "histogram" and result.attack == "reference" and result.late == 0
+    assert result.ara == pytest.approx(ara_histogram(direct.distances, 3), abs=0)
+    assert result.to_dict()["integral"] == "histogram" and result.winner is None
+    with pytest.raises(ValueError, match="attack='reference' is the reference procedure; got procedure='pyadvk'"):
+        metrics.ara(model, loader, attack="reference", procedure="pyadvk")
+    with pytest.raises(ValueError, match="attack must be one of 'best', 'reference', 'l2min'; got 'fab'"):
+        metrics.ara(model, loader, attack="fab")

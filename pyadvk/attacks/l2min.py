@@ -12,13 +12,28 @@ Per sample, with δ the perturbation (``x = clamp(x0 + δ, lower, upper)``) and 
 
 "Broken" is ``argmax ≠ label`` (``criterion="misclassify"``) or ``softmax[label] ≤ 1/C``
 (``criterion="btr"``, better than random). The walk oscillates across the decision boundary with
-shrinking steps and so converges on it. This follows the description of the paper's reference code
-in ../shared/RESEARCH.md; where that leaves a detail open (how momentum combines with the RMS
-normalization), the choice above is ours and documented here.
+shrinking steps and so converges on it.
+
+``procedure="reference"`` reproduces the paper's public reference code step for step instead:
+
+* no box: ``x = x0 + δ`` is never clamped (``lower``/``upper`` are not used);
+* the direction ``d`` (the raw gradient, or ``−δ`` once broken) is scaled to unit RMS as
+  ``d / (1e-8 + rms(d))``, then averaged into the momentum ``m ← μ·m + (1 − μ)·d`` (no momentum
+  for ``μ = 0``), and the step is ``δ ← δ + s_k·m``, *not* renormalised: its RMS length is below
+  ``s_k`` wherever successive directions disagree;
+* the best δ is the smallest successful one by ``mean(δ²)`` over the N + 1 evaluated points, and
+  the distance is ``rms((x0 + δ) − x0)`` as the reference computes it;
+* the reference refuses a result where some image first breaks after step ``N // 2`` (too small
+  a budget to leave steps for minimising); here that is reported instead (``L2MinResult.late``,
+  and a warning), and an image never broken gets distance ``inf`` (the reference would have
+  stopped with an error).
+
+``docs/ara.md`` lists both procedures' differences with their measured effect.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +42,17 @@ from torch import nn
 from pyadvk import _checks
 
 CRITERIA = ("misclassify", "btr")
+PROCEDURES = ("pyadvk", "reference")
 
 
 def rms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample root mean square over all dims but the first: shape (B,)."""
     return t.reshape(t.shape[0], -1).pow(2).mean(dim=1).sqrt()
+
+
+def _mean_square(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean(t²)`` reduced over dims 1.. together, as the reference code does: shape (B,)."""
+    return t.pow(2).mean(dim=tuple(range(1, t.dim())))
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -50,21 +71,37 @@ def broken(logits: torch.Tensor, labels: torch.Tensor, criterion: str) -> torch.
 class L2MinResult:
     """``images``: the smallest successful adversarial images (the original image where none was
     found); ``distances``: their RMS distance to the image (0 if it was already broken, ``inf`` if
-    never broken); ``broken``: whether a successful image was found."""
+    never broken); ``broken``: whether a successful image was found; ``first_broken``: the step
+    (0..N) at which each image was first broken, -1 if never; ``steps``: N."""
 
     images: torch.Tensor
     distances: torch.Tensor
     broken: torch.Tensor
+    first_broken: torch.Tensor | None = None
+    steps: int = 0
 
     @property
     def unbroken(self) -> int:
         return int((~self.broken).sum())
 
+    @property
+    def late(self) -> torch.Tensor:
+        """Per image: first broken after step ``N // 2``, or never (the reference code's check that
+        every image breaks within the first half of the steps, which it enforces with an error)."""
+        if self.first_broken is None:
+            return ~self.broken
+        return (self.first_broken < 0) | (self.first_broken > self.steps // 2)
+
 
 class L2Min:
-    """``L2Min(model, steps=450, budget=20.0, momentum=0.9, criterion="misclassify")``, called as
-    ``attack(images, labels) -> L2MinResult``. Gradients are taken with respect to the input only;
-    the model's mode is left as the caller set it."""
+    """``L2Min(model, steps=450, budget=20.0, momentum=0.9, criterion="misclassify",
+    procedure="pyadvk")``, called as ``attack(images, labels) -> L2MinResult``. Gradients are taken
+    with respect to the input only; the model's mode is left as the caller set it.
+
+    ``procedure="pyadvk"`` (default) is the box-respecting version described above;
+    ``procedure="reference"`` the paper's reference code exactly (no clipping, momentum as an
+    unnormalised average, the first-half check reported in ``L2MinResult.late`` and warned about).
+    """
 
     def __init__(
         self,
@@ -76,6 +113,7 @@ class L2Min:
         *,
         lower: float = 0.0,
         upper: float = 1.0,
+        procedure: str = "pyadvk",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -87,6 +125,7 @@ class L2Min:
             raise ValueError(f"momentum must be < 1, got {momentum}")
         self.criterion = _checks.choice("criterion", criterion, CRITERIA)
         self.lower, self.upper = _checks.bounds(lower, upper)
+        self.procedure = _checks.choice("procedure", procedure, PROCEDURES)
 
     def step_sizes(self, device=None) -> torch.Tensor:
         n = self.steps
@@ -99,25 +138,26 @@ class L2Min:
             raise ValueError(f"labels must be an int64 tensor of shape ({images.shape[0]},)")
         x0 = images.detach()
         batch = x0.shape[0]
+        if batch == 0:
+            empty = torch.zeros(0, device=x0.device)
+            return L2MinResult(
+                x0.clone(), empty, empty.bool(), torch.zeros(0, dtype=torch.int64, device=x0.device), self.steps
+            )
+        if self.procedure == "reference":
+            return self._reference(x0, labels)
         best = x0.clone()
         best_rms = torch.full((batch,), float("inf"), device=x0.device)
-        if batch == 0:
-            return L2MinResult(best, best_rms, torch.zeros(0, dtype=torch.bool, device=x0.device))
+        first = torch.full((batch,), -1, dtype=torch.int64, device=x0.device)
         delta = torch.zeros_like(x0)
         velocity = torch.zeros_like(x0)
         sizes = self.step_sizes(x0.device)
         for k in range(self.steps + 1):
             x = (x0 + delta).clamp_(self.lower, self.upper)
             delta = x - x0
-            x.requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.model(x)
-                if k == 0 and (logits.dim() != 2 or logits.shape[0] != batch):
-                    raise ValueError(f"model must return logits of shape ({batch}, C), got {tuple(logits.shape)}")
-                loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x)
+            logits, grad = self._logits_and_grad(x, labels, check=k == 0)
             with torch.no_grad():
-                success = broken(logits.detach(), labels, self.criterion)
+                success = broken(logits, labels, self.criterion)
+                first = torch.where(success & (first < 0), k, first)
                 size = rms(delta)
                 better = success & (size < best_rms)
                 best_rms = torch.where(better, size, best_rms)
@@ -130,4 +170,54 @@ class L2Min:
                 velocity.mul_(self.momentum).add_(direction)
                 step = velocity / _per_sample(rms(velocity).clamp_min(1e-30), velocity)
                 delta = delta + sizes[k] * step
-        return L2MinResult(best, best_rms, torch.isfinite(best_rms))
+        return L2MinResult(best, best_rms, torch.isfinite(best_rms), first, self.steps)
+
+    def _logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, check: bool):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            if check and (logits.dim() != 2 or logits.shape[0] != x.shape[0]):
+                raise ValueError(f"model must return logits of shape ({x.shape[0]}, C), got {tuple(logits.shape)}")
+            loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+        return logits.detach(), grad
+
+    def _reference(self, x0: torch.Tensor, labels: torch.Tensor) -> L2MinResult:
+        """The reference code's walk (see the module docstring), N + 1 evaluations."""
+        n, mu = self.steps, self.momentum
+        batch = x0.shape[0]
+        delta = torch.zeros_like(x0)
+        mom = torch.zeros_like(x0)
+        best = torch.zeros_like(x0)
+        best_sq = torch.full((batch,), float("inf"), device=x0.device)
+        first = torch.full((batch,), -1, dtype=torch.int64, device=x0.device)
+        for k in range(n + 1):
+            logits, grad = self._logits_and_grad(x0 + delta, labels, check=k == 0)
+            with torch.no_grad():
+                success = broken(logits, labels, self.criterion)
+                first = torch.where(success & (first < 0), k, first)
+                sq = _mean_square(delta)
+                better = success & (sq < best_sq)
+                best_sq = torch.where(better, sq, best_sq)
+                best = torch.where(_per_sample(better, x0), delta, best)
+                if k == n:
+                    break
+                direction = torch.where(_per_sample(success, x0), -delta, grad)
+                direction = direction / _per_sample(1e-8 + _mean_square(direction).sqrt(), direction)
+                if mu > 0:
+                    mom.mul_(mu).add_(direction, alpha=1.0 - mu)
+                    direction = mom
+                # python float, as the reference: S (N - k) / (N (N + 1) / 2)
+                delta = delta.add(direction, alpha=self.budget * (n - k) / (n * (n + 1) / 2))
+        images = x0 + best
+        found = torch.isfinite(best_sq)
+        distances = torch.where(found, _mean_square(images - x0).sqrt(), float("inf"))
+        result = L2MinResult(images, distances, found, first, n)
+        late = int(result.late.sum())
+        if late:
+            warnings.warn(
+                f"L2Min(procedure='reference'): {late} of {batch} images broke after the first half of the "
+                f"{n} steps or never (the reference code stops with an error here); increase budget or steps",
+                stacklevel=3,
+            )
+        return result

@@ -12,19 +12,38 @@ reference code's Riemann sum over a 1000-bin histogram converges to the same val
 attack never breaks are counted as robust up to the largest distance found and reported in
 ``unbroken``; the reference settings break every image, and a non-zero ``unbroken`` says the
 attack's budget was too small for the model.
+
+Which attack measures ``r_i`` (``attack=``):
+
+* ``"best"`` (default): per image the smallest successful RMS distance over :class:`L2Min` and
+  untargeted L2 FAB (Croce & Hein 2020; a boundary projection, exact on a linear model). A smaller
+  successful perturbation is always a valid, tighter measurement; FAB's images are re-checked with
+  one forward pass before they count. ``AraResult.winner`` says which attack won each image (ties go
+  to L2Min). For ``criterion="btr"`` FAB does not apply (the set ``softmax[label] ≤ 1/C`` is no
+  decision boundary between classes), so ``"best"`` is L2Min alone and ``AraResult.note`` says so.
+* ``"reference"``: the paper's procedure alone: ``L2Min(procedure="reference")`` on the first ``n``
+  images of a seeded permutation of ``loader.dataset`` (seed 1776, as the reference code), and the
+  area as the reference code's 1000-bin histogram sum (:func:`ara_histogram`).
+* ``"l2min"``: pyadvk's box-respecting :class:`L2Min` alone on the loader's first ``n`` images.
+
+``docs/ara.md`` gives the measured effect of each choice.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
-from pyadvk.attacks.l2min import CRITERIA, L2Min
+from pyadvk.attacks.l2min import CRITERIA, PROCEDURES, L2Min
+
+ATTACKS = ("best", "reference", "l2min")
+REFERENCE_SEED = 1776  # the reference code's torch.manual_seed before its test-set permutation
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -48,9 +67,41 @@ def ara_from_distances(distances: torch.Tensor, num_classes: int) -> float:
     return float((height * (edges[1:] - edges[:-1])).sum())
 
 
+def ara_histogram(distances: torch.Tensor, num_classes: int, bins: int = 1000) -> float:
+    """The reference code's ARA: a Riemann sum over a ``bins``-bin histogram of the distances on
+    ``[0, max r]``, in float32: ``gap · Σ_b max(0, 1 − cumsum(hist)_b / n − 1/C)``,
+    ``gap = max r / bins``. It approaches :func:`ara_from_distances` from below as ``bins`` grows."""
+    _checks.integer("bins", bins, low=1)
+    r = distances.detach().float().cpu()
+    n = r.numel()
+    if n == 0:
+        raise ValueError("ARA needs at least one image")
+    if not torch.isfinite(r).all():
+        raise ValueError("ara_histogram needs finite distances (the reference code breaks every image)")
+    top = float(r.max())
+    if top == 0.0:
+        return 0.0
+    hist = r.histc(bins, min=0, max=top)
+    return float((top / bins) * (1 - hist.cumsum(0) / n).add_(-1.0 / num_classes).clamp_(min=0).sum())
+
+
+def reference_indices(size: int, n: int | None, seed: int = REFERENCE_SEED) -> torch.Tensor:
+    """The first ``n`` (all for ``None``) of ``torch.randperm(size)`` after ``torch.manual_seed(seed)``:
+    the reference code's ARA images. The global random state is not touched."""
+    _checks.integer("size", size, low=1)
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(_checks.integer("seed", seed)))
+    return perm if n is None else perm[:n]
+
+
 @dataclass
 class AraResult:
-    """ARA with everything it was computed from, and its accuracy curve."""
+    """ARA with everything it was computed from, and its accuracy curve.
+
+    ``attack``: "best", "reference" or "l2min"; ``winner``: per image the attack whose distance
+    was kept ("l2min", "fab", or "none" where neither broke it), for ``attack="best"``;
+    ``late``: images broken only after half of L2Min's steps or never (the reference code's check);
+    ``integral``: "exact" (:func:`ara_from_distances`) or "histogram" (:func:`ara_histogram`);
+    ``note``: why an attack was left out, if one was."""
 
     ara: float
     criterion: str
@@ -58,6 +109,11 @@ class AraResult:
     distances: torch.Tensor
     unbroken: int
     label: str = ""
+    attack: str = "l2min"
+    winner: list[str] | None = None
+    late: int = 0
+    integral: str = "exact"
+    note: str = ""
     eps: torch.Tensor = field(init=False)
     accuracy: torch.Tensor = field(init=False)
 
@@ -82,7 +138,20 @@ class AraResult:
             "unbroken": self.unbroken,
             "unperturbed_accuracy": self.unperturbed_accuracy,
             "median_distance": float(self.distances.median()) if self.distances.numel() else 0.0,
+            "attack": self.attack,
+            "integral": self.integral,
+            "late": self.late,
+            "winner_counts": self.winner_counts,
+            "note": self.note,
         }
+
+    @property
+    def winner_counts(self) -> dict[str, int]:
+        """How many images each attack won (empty unless ``attack="best"``)."""
+        counts: dict[str, int] = {}
+        for w in self.winner or []:
+            counts[w] = counts.get(w, 0) + 1
+        return counts
 
     def plot(self, path: str) -> None:
         """Writes the accuracy curve Acc(ε) as a PNG (see :func:`plot_ara`)."""
@@ -113,6 +182,30 @@ def plot_ara(results: list[AraResult], path: str, title: str = "Accuracy under m
     save_figure(fig, path, dpi=120)
 
 
+def _fab(model: nn.Module, steps: int):
+    try:
+        from pyadvk.attacks.fab import FAB
+    except ImportError as e:
+        raise ImportError(f"attack='best' needs pyadvk.attacks.fab.FAB ({e}); use attack='l2min' or 'reference'") from e
+    return FAB(model, norm="l2", steps=steps, targeted=False, restarts=1, seed=0, lower=0.0, upper=1.0)
+
+
+def _best_of(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, l2min_distances: torch.Tensor, fab):
+    """Per image the smaller successful distance of L2Min and FAB (FAB's images re-checked), and
+    the winner's name."""
+    found = fab.minimal(images, labels)
+    with torch.no_grad():
+        confirmed = found.broken & (model(found.images).argmax(dim=1) != labels)
+        inside = (found.images >= 0.0).flatten(1).all(1) & (found.images <= 1.0).flatten(1).all(1)
+    valid = (confirmed & inside).cpu()
+    fab_d = torch.where(valid, found.rms_distances.detach().to(l2min_distances), float("inf"))
+    fab_wins = fab_d < l2min_distances
+    d = torch.where(fab_wins, fab_d, l2min_distances)
+    names = {(True, True): "fab", (False, True): "l2min", (False, False): "none"}
+    winner = [names[key] for key in zip(fab_wins.tolist(), torch.isfinite(d).tolist())]
+    return d, winner
+
+
 def ara(
     model: nn.Module,
     loader: DataLoader,
@@ -126,9 +219,20 @@ def ara(
     device: torch.device | str | None = None,
     progress: bool = True,
     label: str = "",
+    attack: str = "best",
+    procedure: str | None = None,
+    seed: int = REFERENCE_SEED,
+    fab_steps: int = 100,
 ) -> AraResult:
     """ARA of ``model`` on the first ``n`` images of ``loader`` (all of them for ``n=None``; see
     the module docstring).
+
+    ``attack``: "best" (L2Min and FAB, the smaller distance per image), "reference" (the paper's
+    procedure alone) or "l2min" (pyadvk's L2Min alone). ``procedure``: L2Min's procedure,
+    "pyadvk" or "reference" (default: "reference" for ``attack="reference"``, else "pyadvk");
+    with "reference" the images are the first ``n`` of a ``seed``-ed permutation of
+    ``loader.dataset`` (batches of ``loader.batch_size``) and the area is the reference's histogram
+    sum. ``steps``, ``budget``, ``momentum``: L2Min's; ``fab_steps``: FAB's (for "best").
 
     ``num_classes`` defaults to the width of the model's logits. The model is used as it is (call
     ``model.eval()`` first for a model with batch norm or dropout). In a torch.distributed process
@@ -137,6 +241,14 @@ def ara(
     the same as one process on the same images.
     """
     criterion = _checks.choice("criterion", criterion, CRITERIA)
+    attack = _checks.choice("attack", attack, ATTACKS)
+    if procedure is None:
+        procedure = "reference" if attack == "reference" else "pyadvk"
+    procedure = _checks.choice("procedure", procedure, PROCEDURES)
+    if attack == "reference" and procedure != "reference":
+        raise ValueError(f"attack='reference' is the reference procedure; got procedure={procedure!r}")
+    _checks.integer("seed", seed)
+    _checks.integer("fab_steps", fab_steps, low=1)
     if n is not None:
         _checks.integer("n", n, low=1)
         if distributed.is_distributed():
@@ -145,13 +257,38 @@ def ara(
                 "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)"
             )
     distributed.check_loader(loader)
+    if procedure == "reference":
+        if distributed.is_distributed():
+            raise ValueError("procedure='reference' runs in one process (its images are a permutation of the dataset)")
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                f"procedure='reference' needs a DataLoader over a map-style dataset, got {type(loader).__name__}"
+            )
+        loader = DataLoader(
+            Subset(dataset, reference_indices(len(dataset), n, seed).tolist()),
+            batch_size=loader.batch_size or 1,
+            collate_fn=loader.collate_fn,
+        )
     device = torch.device(device) if device is not None else _model_device(model)
-    attack = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion)
-    distances = []
+    l2min = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion, procedure=procedure)
+    use_fab = attack == "best" and criterion == "misclassify"
+    fab = _fab(model, fab_steps) if use_fab else None
+    note = (
+        "criterion 'btr': FAB does not apply (no decision boundary between classes); L2Min alone"
+        if (attack == "best" and not use_fab)
+        else ""
+    )
+    distances, winners = [], []
+    late = 0
     seen = 0
     total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
     bar = tqdm(
-        total=total, desc=f"{criterion}-ARA", unit="img", leave=False, disable=not progress or not distributed.is_main()
+        total=total,
+        desc=f"{criterion}-ARA ({attack})",
+        unit="img",
+        leave=False,
+        disable=not progress or not distributed.is_main(),
     )
     for images, labels in loader:
         if n is not None:
@@ -160,7 +297,15 @@ def ara(
         if num_classes is None:
             with torch.no_grad():
                 num_classes = model(images[:1]).shape[1]
-        distances.append(attack(images, labels).distances.cpu())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # counted in ``late`` and warned about once below
+            found = l2min(images, labels)
+        d = found.distances.cpu()
+        late += int(found.late.sum())
+        if fab is not None:
+            d, winner = _best_of(model, images, labels, d, fab)
+            winners += winner
+        distances.append(d)
         seen += len(images)
         bar.update(len(images))
         if n is not None and seen >= n:
@@ -171,6 +316,29 @@ def ara(
         raise ValueError("loader yielded no images")
     if distributed.is_distributed():
         num_classes = int(distributed.all_gather_cat(torch.tensor([num_classes or 0])).max())
+        late = int(distributed.all_reduce_sum([late])[0])
+        if fab is not None:
+            codes = torch.tensor([("l2min", "fab", "none").index(w) for w in winners], dtype=torch.int64)
+            winners = [("l2min", "fab", "none")[int(c)] for c in distributed.all_gather_cat(codes)]
+    if procedure == "reference" and late:
+        warnings.warn(
+            f"{late} of {d.numel()} images broke after the first half of L2Min's {steps} steps or never "
+            "(the reference code stops with an error here); increase budget or steps",
+            stacklevel=2,
+        )
+    unbroken = int((~torch.isfinite(d)).sum())
+    histogram = procedure == "reference" and unbroken == 0
+    value = ara_histogram(d, num_classes) if histogram else ara_from_distances(d, num_classes)
     return AraResult(
-        ara_from_distances(d, num_classes), criterion, num_classes, d, int((~torch.isfinite(d)).sum()), label
+        value,
+        criterion,
+        num_classes,
+        d,
+        unbroken,
+        label,
+        attack=attack,
+        winner=winners if fab is not None else None,
+        late=late,
+        integral="histogram" if histogram else "exact",
+        note=note,
     )
