@@ -16,6 +16,13 @@ order of the published algorithm's implementation: ball, then box). NaN gradient
 to 0, as in :func:`pyadvk.ops.pgd_step`. ``momentum = 1`` gives the first APGD iteration
 (``y = P(z) = z``); the published value for later iterations is 0.75.
 
+The l2 norms are taken in float64 and ``g / ||g||`` and ``eps / ||d||`` are formed in float64 then
+rounded to float32: float32 squares overflow above 1e19 and underflow below 1e-19, which would turn
+a gradient of 1e30 (or 1e-30) into no step, and a tiny ``d`` into no projection. So the step is the
+same for ``g`` and ``c * g`` (any c > 0), and the result lies in the ball up to the rounding of the
+last float32 operations. A NaN in x, x_prev or x_orig propagates as torch.minimum/maximum/clamp
+propagate it (for l2 it also makes that sample's norm NaN, hence no projection of that sample).
+
 ``apgd_step_reference`` is the torch body: it defines the op, and every other body (cpp, cuda,
 triton) is tested against it. The step needs three passes over the data for l2 (the norm of g, then
 the norm of the momentum point, then the write) and one for linf.
@@ -70,14 +77,18 @@ APGD_STEP = _backend.OpBodies(
 # The torch body: the definition of the op.
 
 
+def _norm64(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample l2 norms of a (B, ...) tensor, accumulated and returned in float64."""
+    return t.reshape(t.shape[0], -1).double().norm(dim=1)
+
+
 def _project(v, xo, e, norm: str, lower: float, upper: float) -> torch.Tensor:
     if norm == "linf":
         return torch.minimum(torch.maximum(v, xo - e), xo + e).clamp(lower, upper)
-    batch = v.shape[0]
     d = v - xo
-    dn = d.reshape(batch, -1).norm(dim=1)
-    e = torch.full_like(dn, e) if not isinstance(e, torch.Tensor) else e.reshape(-1)
-    factor = torch.where(dn > e, e / dn, 1.0)
+    dn = _norm64(d)
+    e = torch.full_like(dn, e) if not isinstance(e, torch.Tensor) else e.reshape(-1).double()
+    factor = torch.where(dn > e, e / dn, 1.0).float()
     return (xo + d * _per_sample_view(factor, v)).clamp(lower, upper)
 
 
@@ -92,8 +103,8 @@ def apgd_step_reference(
     if norm == "linf":
         step = torch.sign(g)
     else:
-        gn = _per_sample_view(g.reshape(g.shape[0], -1).norm(dim=1), xk)
-        step = torch.where(gn > 0, g / torch.where(gn > 0, gn, 1.0), 0.0)
+        gn = _per_sample_view(_norm64(g), xk)
+        step = (g.double() / torch.where(gn > 0, gn, 1.0)).float()  # 0 where ||g|| = 0 (then g = 0)
     z = _project(xk + h * step, xo, e, norm, lower, upper)
     w = xk + momentum * (z - xk) + (1.0 - momentum) * (xk - xp)
     return _project(w, xo, e, norm, lower, upper).to(x.dtype)
