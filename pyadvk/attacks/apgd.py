@@ -1,0 +1,458 @@
+"""APGD and APGD-T (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks", Algorithm 1 and Section 3) on the fused APGD step.
+
+For each image, with the objective f (cross-entropy, DLR or targeted DLR) to maximize over the
+eps-ball around the clean image x (intersected with the box [lower, upper]) and ``P`` the
+projection onto that set:
+
+* ``x^(0)``: a uniform random point of the ball (clipped to the box), ``eta = 2 eps``;
+* ``x^(1) = P(x^(0) + eta step(∇f(x^(0))))`` (no momentum), then for k >= 1
+  ``z = P(x^(k) + eta step(∇f(x^(k))))``, ``x^(k+1) = P(x^(k) + 0.75 (z - x^(k)) + 0.25 (x^(k) - x^(k-1)))``
+  (``step`` = sign for L∞, g / ||g||_2 for L2): one call of :func:`pyadvk.ops.apgd_step_`;
+* checkpoints ``w_j = ceil(p_j steps)``, ``p_0 = 0``, ``p_1 = 0.22``,
+  ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (:func:`checkpoints`). Once ``x^(w_j)`` is
+  evaluated, eta is halved and ``x^(w_j)`` replaced by the best point so far ``x_max`` (with its
+  objective and gradient) where (1) ``f(x^(i+1)) > f(x^(i))`` held for fewer than
+  ``rho (w_j - w_{j-1})`` of the ``i = w_{j-1} .. w_j - 1``, or (2) eta was not halved at
+  ``w_{j-1}`` and ``f_max`` did not grow since then (``f_max`` at ``w_0`` is ``f(x^(0))``);
+* the result is, per image, the last iterate that was misclassified if any was (success is "the
+  model misclassified some iterate", as in the reference evaluation), else ``x_max``.
+
+The schedule, checkpoints and best-point bookkeeping are tensor ops on the images' device (no host
+synchronization inside a run), so one iteration can be captured as a CUDA graph
+(``cuda_graph=True``). The host synchronizes once per call for the input checks and once per
+restart (APGD) or per target class and restart (APGD-T) to pick the images still standing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyadvk import _checks
+from pyadvk.attacks.pgd import Attack
+from pyadvk.ops import apgd_step_, random_init
+
+LOSSES = ("ce", "dlr")
+MOMENTUM = 0.75
+
+
+def _check_dlr(name: str, logits, min_classes: int, **indices) -> None:
+    _checks.tensor("logits", logits, min_dim=2)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (B, C), got {tuple(logits.shape)}")
+    if logits.shape[1] < min_classes:
+        raise ValueError(
+            f"{name} needs logits with at least {min_classes} classes (it divides by a gap between sorted "
+            f"logits), got shape {tuple(logits.shape)}"
+        )
+    for arg, t in indices.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{arg} must be an int64 tensor of class indices, got {what}")
+        if t.shape != logits.shape[:1]:
+            raise ValueError(
+                f"{arg} must have shape ({logits.shape[0]},) (one per row of logits), got {tuple(t.shape)}"
+            )
+
+
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio, per row: ``-(z_y - max_{i != y} z_i) / (z_π1 - z_π3 + 1e-12)``.
+
+    Args:
+        logits: (B, C) with C >= 3; labels: (B,) class indices y.
+
+    Returns:
+        (B,) float32 (computed in float32 whatever the logits' dtype). π sorts each row's logits in
+        decreasing order. It is > 0 exactly where the row is misclassified, and it does not change
+        when the logits are shifted or scaled.
+    """
+    _check_dlr("dlr_loss", logits, 3, labels=labels)
+    z = logits.float()
+    top = z.topk(3, dim=1).values
+    index = labels.long()[:, None]
+    z_y = z.gather(1, index).squeeze(1)
+    z_other = z.scatter(1, index, float("-inf")).amax(dim=1)
+    return -(z_y - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_loss_targeted(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targeted difference of logits ratio, per row: ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2 + 1e-12)``.
+
+    Args:
+        logits: (B, C) with C >= 4; labels: (B,) true classes y; targets: (B,) target classes t.
+
+    Returns:
+        (B,) float32; > 0 exactly where ``z_t > z_y`` (then the row is misclassified).
+    """
+    _check_dlr("dlr_loss_targeted", logits, 4, labels=labels, targets=targets)
+    z = logits.float()
+    top = z.topk(4, dim=1).values
+    z_y = z.gather(1, labels.long()[:, None]).squeeze(1)
+    z_t = z.gather(1, targets.long()[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The checkpoints ``w_j = ceil(p_j * steps)`` for ``p_j <= 1``, increasing, without repeats.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, in exact
+    rational arithmetic (so 0.41 * 100 is 41, not 42). ``checkpoints(100)`` is
+    ``[0, 22, 41, 57, 70, 80, 87, 93, 99]``.
+    """
+    steps = _checks.integer("steps", steps, low=1)
+    p_prev, p = Fraction(0), Fraction(22, 100)
+    ps = [p_prev]
+    while p <= 1:
+        ps.append(p)
+        p_prev, p = p, p + max(p - p_prev - Fraction(3, 100), Fraction(6, 100))
+    return sorted({math.ceil(q * steps) for q in ps})
+
+
+def _view(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return mask.view((-1,) + (1,) * (ref.dim() - 1))
+
+
+class _Run:
+    """The state of one APGD run on a batch; every tensor is updated in place (so that a captured
+    iteration reads and writes the same memory on each replay), except that ``cur``/``prev`` swap."""
+
+    def __init__(self, start: torch.Tensor, eps: torch.Tensor) -> None:
+        batch = start.shape[0]
+        scalar = dict(device=start.device, dtype=torch.float32)
+        self.cur = start
+        self.prev = start.clone()  # read with weight 0 by the first step: must be finite
+        self.grad = torch.zeros_like(start)
+        self.x_best = start.clone()
+        self.grad_best = torch.zeros_like(start)
+        self.x_found = start.clone()
+        self.loss_cur = torch.full((batch,), math.inf, **scalar)
+        self.loss_best = torch.full((batch,), -math.inf, **scalar)
+        self.best_last = torch.full((batch,), -math.inf, **scalar)
+        self.count = torch.zeros(batch, **scalar)
+        self.eta = 2.0 * eps
+        self.reduced_last = torch.zeros(batch, device=start.device, dtype=torch.bool)
+        self.found = torch.zeros(batch, device=start.device, dtype=torch.bool)
+
+    def swap(self) -> None:
+        self.cur, self.prev = self.prev, self.cur
+
+    def record(self, loss: torch.Tensor, wrong: torch.Tensor, grad: torch.Tensor) -> None:
+        """Bookkeeping for the newly evaluated point ``cur`` with objective ``loss`` and gradient ``grad``."""
+        self.count.add_(loss > self.loss_cur)
+        self.loss_cur.copy_(loss)
+        improved = loss > self.loss_best
+        torch.where(_view(improved, self.cur), self.cur, self.x_best, out=self.x_best)
+        torch.where(_view(improved, grad), grad, self.grad_best, out=self.grad_best)
+        torch.where(improved, loss, self.loss_best, out=self.loss_best)
+        self.grad.copy_(grad)
+        torch.where(_view(wrong, self.cur), self.cur, self.x_found, out=self.x_found)
+        self.found.logical_or_(wrong)
+
+    def checkpoint(self, window: int, rho: float) -> None:
+        """Halves eta and restarts from the best point where the objective stalled (module docstring)."""
+        stalled = (self.count < rho * window) | (~self.reduced_last & (self.loss_best <= self.best_last))
+        self.reduced_last.copy_(stalled)
+        self.best_last.copy_(self.loss_best)
+        torch.where(stalled, self.eta * 0.5, self.eta, out=self.eta)
+        torch.where(_view(stalled, self.cur), self.x_best, self.cur, out=self.cur)
+        torch.where(_view(stalled, self.grad), self.grad_best, self.grad, out=self.grad)
+        torch.where(stalled, self.loss_best, self.loss_cur, out=self.loss_cur)
+        self.count.zero_()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.where(_view(self.found, self.cur), self.x_found, self.x_best), self.found, self.loss_best
+
+
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020), untargeted, with the cross-entropy or the DLR loss.
+
+    ``APGD(model, norm="linf", eps=8/255)(images, labels) -> adv_images``; the algorithm is the
+    module docstring's, on images (B, ...) in [lower, upper] with labels (B,).
+
+    Args:
+        model: maps images (B, ...) to logits (B, C). Its train/eval mode is left as set, and no
+            parameter ``.grad`` is touched (gradients are taken with respect to the input only).
+        norm: "linf" or "l2".
+        eps: radius of the ball (>= 0), a float or a per-image (B,) tensor.
+        steps: iterations per run (>= 1); each run evaluates the model ``steps + 1`` times.
+        restarts: runs per image (>= 1); each further run starts from a new random point and
+            attacks only the images every earlier run failed on.
+        loss: "ce" (cross-entropy) or "dlr" (:func:`dlr_loss`, needs >= 3 classes).
+        rho: condition (1)'s fraction of increasing steps, in (0, 1).
+        seed: seeds the random starts (a ``torch.Generator`` on the images' device), so the same
+            seed, model and images give the same result.
+        eot_iter: forward/backward passes averaged per evaluation (objective, gradient and the
+            logits whose argmax decides success), for randomized models (>= 1).
+        lower, upper: the valid input range.
+        backend: force a body of the fused step ("cuda", "triton", "cpp", "torch").
+        autocast, channels_last: as in :class:`pyadvk.attacks.pgd.Attack`.
+        cuda_graph: capture one iteration (step, forward, input-gradient backward, bookkeeping)
+            as a CUDA graph after three eager iterations and replay it (two graphs: the current
+            and previous points alternate between two buffers); checkpoints run eagerly between
+            replays. Needs CUDA images and a model without host synchronization in its forward.
+
+    Images the model misclassifies unperturbed are returned unchanged. Others are returned as
+    the last misclassified iterate of a run that found one, else the highest-objective point
+    over all runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str = "linf",
+        eps: float | torch.Tensor,
+        steps: int = 100,
+        restarts: int = 1,
+        loss: str = "ce",
+        rho: float = 0.75,
+        seed: int = 0,
+        eot_iter: int = 1,
+        lower: float = 0.0,
+        upper: float = 1.0,
+        backend: str | None = None,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
+        cuda_graph: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            eps=eps,
+            norm=norm,
+            lower=lower,
+            upper=upper,
+            backend=backend,
+            autocast=autocast,
+            channels_last=channels_last,
+        )
+        self.loss_name = _checks.choice("loss", loss, LOSSES)
+        self.loss = dlr_loss if self.loss_name == "dlr" else _cross_entropy
+        self.steps = _checks.integer("steps", steps, low=1)
+        self.restarts = _checks.integer("restarts", restarts, low=1)
+        self.rho = _checks.real("rho", rho)
+        if not 0.0 < self.rho < 1.0:
+            raise ValueError(f"rho must be in (0, 1), got {self.rho}")
+        self.seed = _checks.integer("seed", seed, low=0)
+        self.eot_iter = _checks.integer("eot_iter", eot_iter, low=1)
+        self.cuda_graph = bool(cuda_graph)
+
+    # -- what a subclass changes ------------------------------------------------------------------
+
+    def _check_classes(self, n_classes: int) -> None:
+        if self.loss_name == "dlr" and n_classes < 3:
+            raise ValueError(
+                f"loss='dlr' needs at least 3 classes (it divides by z_pi1 - z_pi3), got logits with {n_classes}"
+            )
+
+    def _target_rounds(self, logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor | None]:
+        """The target classes of each round of runs (None: untargeted)."""
+        return [None]
+
+    def _objective_value(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
+        return self.loss(logits, labels)
+
+    # -- the attack --------------------------------------------------------------------------------
+
+    def _amp(self, device: torch.device):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        with self._amp(x.device):
+            return self.model(x).float()
+
+    def _evaluate(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
+        """Objective (B,), misclassified (B,) and input gradient at ``x``, averaged over eot_iter passes."""
+        x = x.detach().requires_grad_(True)
+        loss_sum = logits_sum = grad_sum = 0
+        for _ in range(self.eot_iter):
+            with torch.enable_grad():
+                logits = self._logits(x)
+                loss = self._objective_value(logits, labels, targets)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            loss_sum, logits_sum, grad_sum = loss_sum + loss.detach(), logits_sum + logits.detach(), grad_sum + grad
+        n = self.eot_iter
+        return loss_sum / n, logits_sum.argmax(dim=1) != labels, grad_sum / n if n > 1 else grad_sum
+
+    def _iteration(self, run: _Run, x_orig, labels, targets, eps, momentum: float) -> None:
+        apgd_step_(
+            run.cur,
+            run.prev,
+            x_orig,
+            run.grad,
+            eta=run.eta,
+            eps=eps,
+            momentum=momentum,
+            norm=self.norm,
+            lower=self.lower,
+            upper=self.upper,
+            backend=self.backend,
+            check_values=False,
+        )
+        run.swap()
+        run.record(*self._evaluate(run.cur, labels, targets))
+
+    def _run(self, x_orig, labels, targets, eps, generator):
+        """One APGD run on a batch: (result points, found (B,), best objective (B,))."""
+        start = random_init(
+            x_orig,
+            eps=eps,
+            norm=self.norm,
+            lower=self.lower,
+            upper=self.upper,
+            generator=generator,
+            backend=self.backend,
+            check_values=False,
+        )
+        run = _Run(start, eps)
+        run.record(*self._evaluate(run.cur, labels, targets))
+        run.best_last.copy_(run.loss_best)
+        marks = checkpoints(self.steps)
+        windows = {w: w - w_prev for w_prev, w in zip(marks, marks[1:]) if w < self.steps}
+
+        def iterate(k: int) -> None:
+            self._iteration(run, x_orig, labels, targets, eps, 1.0 if k == 0 else MOMENTUM)
+            if k + 1 in windows:
+                run.checkpoint(windows[k + 1], self.rho)
+
+        warmup = 3  # eager iterations before capture (the first one has no momentum)
+        if not self.cuda_graph or self.steps <= warmup:
+            for k in range(self.steps):
+                iterate(k)
+            return run.result()
+        current = torch.cuda.current_stream(x_orig.device)
+        side = torch.cuda.Stream(x_orig.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for k in range(warmup):
+                iterate(k)
+        current.wait_stream(side)
+        # Two graphs: one reads cur = A and writes B, the other the reverse. Capturing runs no
+        # kernel, and each capture swaps the Python references once, so they end where they began.
+        graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+        for graph in graphs:
+            with torch.cuda.graph(graph):
+                self._iteration(run, x_orig, labels, targets, eps, MOMENTUM)
+        for k in range(warmup, self.steps):
+            graphs[(k - warmup) % 2].replay()
+            run.swap()
+            if k + 1 in windows:
+                run.checkpoint(windows[k + 1], self.rho)
+        return run.result()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(images, labels)
+        if self.cuda_graph and images.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
+        images, labels = images.detach(), labels.long()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.contiguous(memory_format=fmt)
+        adv = images.clone()
+        batch = images.shape[0]
+        if images.numel() == 0:
+            return adv
+        eps, eps_t = _checks.per_sample("eps", self.eps, batch, images.device)
+        if eps_t is None:
+            eps_t = torch.full((batch,), eps, device=images.device, dtype=torch.float32)
+        with torch.no_grad():
+            logits = sum(self._logits(images) for _ in range(self.eot_iter)) / self.eot_iter
+        self.check_logits(logits, labels)
+        self._check_classes(logits.shape[1])
+        todo = logits.argmax(dim=1) == labels
+        best = torch.full((batch,), -math.inf, device=images.device)
+        generator = torch.Generator(device=images.device).manual_seed(self.seed)
+        for targets in self._target_rounds(logits, labels):
+            for _ in range(self.restarts):
+                idx = todo.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    return adv
+                x_orig = images[idx].contiguous(memory_format=fmt)
+                sub_targets = None if targets is None else targets[idx]
+                x, found, loss = self._run(x_orig, labels[idx], sub_targets, eps_t[idx], generator)
+                keep = found | (loss > best[idx])
+                adv[idx] = torch.where(_view(keep, x), x, adv[idx])
+                best[idx] = torch.where(found, math.inf, torch.maximum(loss, best[idx]))
+                todo[idx] = ~found
+        return adv
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+class APGDT(APGD):
+    """Targeted APGD with the targeted DLR loss (Croce & Hein 2020, "APGD-T").
+
+    For the i-th of the ``n_target_classes`` classes other than the true one with the highest
+    clean logits (the second-highest class first), one round of ``restarts`` APGD runs maximizes
+    :func:`dlr_loss_targeted` towards it, on the images no earlier run has broken. Success is
+    misclassification (as for :class:`APGD`). Needs ``n_target_classes < C`` and C >= 4 classes.
+    The other arguments are :class:`APGD`'s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str = "linf",
+        eps: float | torch.Tensor,
+        steps: int = 100,
+        n_target_classes: int = 9,
+        restarts: int = 1,
+        rho: float = 0.75,
+        seed: int = 0,
+        eot_iter: int = 1,
+        lower: float = 0.0,
+        upper: float = 1.0,
+        backend: str | None = None,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
+        cuda_graph: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            norm=norm,
+            eps=eps,
+            steps=steps,
+            restarts=restarts,
+            loss="dlr",
+            rho=rho,
+            seed=seed,
+            eot_iter=eot_iter,
+            lower=lower,
+            upper=upper,
+            backend=backend,
+            autocast=autocast,
+            channels_last=channels_last,
+            cuda_graph=cuda_graph,
+        )
+        self.loss_name = "dlr-targeted"
+        self.loss = dlr_loss_targeted
+        self.n_target_classes = _checks.integer("n_target_classes", n_target_classes, low=1)
+
+    def _check_classes(self, n_classes: int) -> None:
+        if n_classes < 4:
+            raise ValueError(
+                f"APGDT needs at least 4 classes (the targeted DLR loss divides by z_pi1 - (z_pi3 + z_pi4) / 2), "
+                f"got logits with {n_classes}"
+            )
+        if self.n_target_classes >= n_classes:
+            raise ValueError(
+                f"n_target_classes must be < the number of classes ({n_classes}): there are {n_classes - 1} "
+                f"classes other than the true one; got {self.n_target_classes}"
+            )
+
+    def _target_rounds(self, logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor | None]:
+        others = logits.scatter(1, labels.long()[:, None], float("-inf"))
+        order = others.argsort(dim=1, descending=True)
+        return [order[:, i] for i in range(self.n_target_classes)]
+
+    def _objective_value(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
+        return dlr_loss_targeted(logits, labels, targets)
