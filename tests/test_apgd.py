@@ -1,0 +1,198 @@
+"""APGD and APGD-T: against Algorithm 1 written out per image, the checkpoint schedule, the exact
+robust accuracy of a linear model, PGD on a trained model, the options and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyadvk.attacks.apgd import APGD, APGDT, checkpoints, dlr_loss, dlr_loss_targeted
+from pyadvk.ops import random_init
+
+
+def small_cnn(seed=0, classes=10):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, classes)
+    ).eval()
+
+
+def batch(model, n=8, seed=1, wrong=1):
+    """Images in [0, 1] and labels: the model's own predictions, with the first ``wrong`` changed."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    labels[:wrong] = (labels[:wrong] + 1) % 10
+    return images, labels
+
+
+def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = delta.reshape(len(delta), -1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def assert_in_ball_and_box(adv, images, eps, norm, lower=0.0, upper=1.0):
+    assert adv.shape == images.shape and adv.dtype == images.dtype
+    eps = torch.as_tensor(eps, dtype=torch.float32).expand(len(images))
+    assert (norms((adv - images).float(), norm) <= eps * (1 + 1e-6) + 1e-7).all()
+    assert adv.min() >= lower and adv.max() <= upper
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1, one image at a time with Python scalars: the oracle for the vectorized bookkeeping.
+
+
+def paper_checkpoints(steps):
+    p = [0.0, 0.22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
+        if round(nxt, 9) > 1:
+            break
+        p.append(nxt)
+    return sorted({math.ceil(round(q * steps, 9)) for q in p})
+
+
+def project(v, x0, eps, norm):
+    if norm == "linf":
+        return torch.minimum(torch.maximum(v, x0 - eps), x0 + eps).clamp(0, 1)
+    d = v - x0
+    n = d.double().norm()
+    if n > eps:
+        d = d * float(eps / n)
+    return (x0 + d).clamp(0, 1)
+
+
+def direction(g, norm):
+    if norm == "linf":
+        return g.sign()
+    n = g.double().norm()
+    return (g.double() / n).float() if n > 0 else torch.zeros_like(g)
+
+
+def algorithm1(model, objective, x0, labels, eps, norm, steps, rho, start):
+    """One APGD run per image; returns (points, found, best objective, halvings): the last
+    misclassified iterate where one was, else the best point; and how many times eta was halved
+    by condition (1), and by condition (2) alone."""
+
+    def evaluate(x):
+        x = x.clone().requires_grad_(True)
+        logits = model(x)
+        loss = objective(logits)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        return loss.tolist(), (logits.argmax(1) != labels).tolist(), g
+
+    marks = paper_checkpoints(steps)
+    window = {w: w - v for v, w in zip(marks, marks[1:]) if w < steps}
+    n = len(x0)
+    x, x_prev = start.clone(), start.clone()
+    f, wrong, g = evaluate(x)
+    eta = [2 * eps] * n
+    f_max, x_max, g_max = list(f), x.clone(), g.clone()
+    found, x_found = list(wrong), x.clone()
+    count, reduced, f_max_last, halvings = [0] * n, [False] * n, list(f), [0, 0]
+    for k in range(steps):
+        a = 1.0 if k == 0 else 0.75
+        new = torch.empty_like(x)
+        for b in range(n):
+            z = project(x[b] + torch.tensor(eta[b]) * direction(g[b], norm), x0[b], eps, norm)
+            new[b] = project(x[b] + a * (z - x[b]) + (1 - a) * (x[b] - x_prev[b]), x0[b], eps, norm)
+        x_prev, x = x, new
+        f_new, wrong, g = evaluate(x)
+        for b in range(n):
+            count[b] += f_new[b] > f[b]
+            f[b] = f_new[b]
+            if f[b] > f_max[b]:
+                f_max[b], x_max[b], g_max[b] = f[b], x[b], g[b]
+            if wrong[b]:
+                found[b], x_found[b] = True, x[b]
+        if k + 1 in window:
+            for b in range(n):
+                few_increases = count[b] < rho * window[k + 1]
+                stalled = few_increases or (not reduced[b] and f_max[b] <= f_max_last[b])
+                if stalled:
+                    eta[b] /= 2
+                    x[b], g[b], f[b] = x_max[b], g_max[b], f_max[b]
+                    halvings[0 if few_increases else 1] += 1
+                reduced[b], f_max_last[b], count[b] = stalled, f_max[b], 0
+    points = torch.stack([x_found[b] if found[b] else x_max[b] for b in range(n)])
+    return points, found, f_max, halvings
+
+
+def reference_apgd(model, images, labels, *, norm, eps, steps, loss, rho=0.75, seed=0, restarts=1, targets=(None,)):
+    """APGD/APGD-T around ``algorithm1``: clean-misclassified images untouched, each later run only
+    on images no earlier run broke, starts drawn from one generator seeded with ``seed``."""
+    with torch.no_grad():
+        todo = model(images).argmax(1) == labels
+    adv, gen, halvings = images.clone(), torch.Generator().manual_seed(seed), [0, 0]
+    best = torch.full((len(images),), -math.inf)
+    for target in targets:
+        for _ in range(restarts):
+            idx = todo.nonzero().squeeze(1)
+            if not len(idx):
+                return adv, halvings
+            x0, y = images[idx], labels[idx]
+            t = None if target is None else target[idx]
+            start = random_init(x0, eps=eps, norm=norm, generator=gen)
+            objectives = {
+                "ce": lambda z, y=y: F.cross_entropy(z, y, reduction="none"),
+                "dlr": lambda z, y=y: dlr_loss(z, y),
+                "dlr-t": lambda z, y=y, t=t: dlr_loss_targeted(z, y, t),
+            }
+            points, found, f, n = algorithm1(model, objectives[loss], x0, y, eps, norm, steps, rho, start)
+            halvings = [h + m for h, m in zip(halvings, n)]
+            for j, i in enumerate(idx.tolist()):
+                if found[j] or f[j] > best[i]:
+                    adv[i], best[i] = points[j], math.inf if found[j] else f[j]
+                todo[i] = not found[j]
+    return adv, halvings
+
+
+def test_checkpoints_are_the_papers():
+    assert checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    for steps in (1, 2, 5, 12, 37, 100, 1000):
+        w = checkpoints(steps)
+        assert w == paper_checkpoints(steps), steps
+        assert w[0] == 0 and w == sorted(set(w)) and w[-1] <= steps
+
+
+@pytest.mark.parametrize(
+    "norm, eps, loss, steps, rho",
+    [
+        # steps=12: checkpoints 3, 5, 7, 9, 10, 11 (most iterations end at one); rho=0.5 makes
+        # rho * window an integer (the condition is "fewer than", not "at most")
+        ("linf", 1 / 32, "ce", 12, 0.75),
+        ("linf", 1 / 32, "dlr", 12, 0.5),
+        ("l2", 0.125, "ce", 12, 0.5),
+        ("l2", 0.125, "dlr", 12, 0.75),
+        ("linf", 1 / 128, "ce", 40, 0.75),
+    ],
+)
+def test_apgd_matches_algorithm_1(norm, eps, loss, steps, rho, one_thread):
+    model = small_cnn()
+    images, labels = batch(model)
+    ours = APGD(model, norm=norm, eps=eps, steps=steps, loss=loss, rho=rho, seed=3)(images, labels)
+    ref, halvings = reference_apgd(model, images, labels, norm=norm, eps=eps, steps=steps, loss=loss, rho=rho, seed=3)
+    assert halvings[0] > 0 and (rho == 0.75 or halvings[1] > 0)  # both conditions were exercised
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert torch.equal(ours[0], images[0])  # misclassified unperturbed: returned as is
+
+
+def test_restarts_and_apgdt_match_algorithm_1(one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=6)
+    ours = APGD(model, norm="linf", eps=1 / 64, steps=10, restarts=2, seed=5)(images, labels)
+    ref, _ = reference_apgd(model, images, labels, norm="linf", eps=1 / 64, steps=10, loss="ce", restarts=2, seed=5)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        others = model(images).scatter(1, labels[:, None], -math.inf)
+    order = others.argsort(1, descending=True)
+    kw = dict(norm="l2", eps=1 / 8, steps=10, seed=2)
+    ours = APGDT(model, n_target_classes=3, **kw)(images, labels)
+    ref, _ = reference_apgd(model, images, labels, loss="dlr-t", targets=[order[:, i] for i in range(3)], **kw)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
