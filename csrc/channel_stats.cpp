@@ -21,6 +21,16 @@ void update_(at::Tensor& count, at::Tensor& nan_count, at::Tensor& mean, at::Ten
   check_channel_stats(op, at::kCPU, count, nan_count, mean, m2, minimum, maximum, hist, topk_values, topk_sample,
                       topk_pos, qbuf, x, sample_offset, lo, hi);
   const int64_t N = x.size(0), C = x.size(1);
+  // The hot loops index the top-k and buffer slots by min(count, K): a negative count (a damaged
+  // or tampered state) would make them write before their buffers. Python validates states read
+  // from files; this check keeps the kernel safe whatever the caller passes.
+  const int64_t* count_ptr = count.data_ptr<int64_t>();
+  const int64_t* nan_ptr = nan_count.data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    TORCH_CHECK(count_ptr[c] >= 0 && nan_ptr[c] >= 0, op,
+                ": count and nan_count must be >= 0 (a damaged or tampered state), got count=", count_ptr[c],
+                ", nan_count=", nan_ptr[c], " for channel ", c);
+  }
   if (N == 0) return;
   int64_t S, sn, sc, ss;
   channel_strides(x, S, sn, sc, ss);

@@ -9,6 +9,8 @@
 // (float32 C x M).
 #pragma once
 
+#include <cmath>
+
 #include "common.h"
 
 namespace pyadvk {
@@ -68,7 +70,8 @@ inline void check_channel_stats(const char* op, at::DeviceType device, const at:
   TORCH_CHECK(dense_format(x).has_value(), op, ": x must be contiguous or channels_last");
   const int64_t C = x.size(1);
   TORCH_CHECK(sample_offset >= 0, op, ": sample_offset must be >= 0, got ", sample_offset);
-  TORCH_CHECK(lo < hi, op, ": lo must be < hi, got lo=", lo, ", hi=", hi);
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi, op,
+              ": the histogram range must be finite with lo < hi, got lo=", lo, ", hi=", hi);
   auto vec = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
     TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
     TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (", C, ",), got ", t.sizes());

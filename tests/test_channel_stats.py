@@ -280,10 +280,19 @@ def test_cpp_op_checks_its_arguments():
     t[2] = t[2].float()  # mean must be float64
     with pytest.raises(RuntimeError, match="mean must be Double"):
         torch.ops.pyadvk.channel_stats_update_(*t, x, 0, -1.0, 1.0)
-    with pytest.raises(RuntimeError, match="lo must be < hi"):
+    with pytest.raises(RuntimeError, match="finite with lo < hi"):
         torch.ops.pyadvk.channel_stats_update_(*state.tensors(), x, 0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="finite with lo < hi"):
+        torch.ops.pyadvk.channel_stats_update_(*state.tensors(), x, 0, -math.inf, 1.0)
     with pytest.raises(RuntimeError, match="sample_offset must be >= 0"):
         torch.ops.pyadvk.channel_stats_update_(*state.tensors(), x, -1, -1.0, 1.0)
+    # a negative count (a tampered state) would make the hot loops write before the top-k buffers
+    bad = make_state(4)
+    bad.count[1] = -1
+    before = [t.clone() for t in bad.tensors()]
+    with pytest.raises(RuntimeError, match="count and nan_count must be >= 0"):
+        torch.ops.pyadvk.channel_stats_update_(*bad.tensors(), x, 0, -1.0, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, bad.tensors())), "a failed update changed the state"
 
 
 @pytest.mark.parametrize(
