@@ -63,6 +63,18 @@ from pyadvk import _checks
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Raises ValueError when ``weight`` holds NaN or inf: no norm and no bound is defined then,
+    and the power and Gram iterations would otherwise read NaN as zero and report 0 (one host
+    sync; used by the reporting functions, not by the training-time penalty)."""
+    if not bool(torch.isfinite(weight.detach()).all()):
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        raise ValueError(
+            f"{name} has {bad} non-finite value(s) (NaN or inf): its norm and any Lipschitz bound are "
+            "undefined (was the training diverging?)"
+        )
+
+
 def _check_conv(name: str, conv) -> nn.Module:
     if not isinstance(conv, CONVS):
         raise TypeError(f"{name} must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}")
@@ -242,6 +254,7 @@ def conv_operator_norm(
             raise ValueError(
                 f"weight must have the shape of conv.weight {tuple(conv.weight.shape)}, got {tuple(weight.shape)}"
             )
+    check_finite("weight" if weight is not None else "conv.weight", w)
     if state is None:
         state = ConvNormState.random(shape, device=w.device, generator=generator)
     elif not isinstance(state, ConvNormState):
@@ -271,9 +284,12 @@ def _scaled_fro(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gram_bound(mats: torch.Tensor, n_iters: int) -> torch.Tensor:
     """Per-matrix upper bound on σ_max of a batch ``(B, m, n)`` (real or complex) by Gram
     iteration with rescaling: ``G <- Gᴴ G`` ``n_iters`` times, bound ``||G_T||_F^(1/2^T)`` times
-    the accumulated scales. Exact to rounding for rank-1 matrices; zero matrices give 0.
+    the accumulated scales. Exact to rounding for rank-1 matrices; zero matrices give 0; a matrix
+    with NaN gives NaN and one with inf (and no NaN) gives inf, never a finite "bound".
     Returns float64 (B,)."""
-    g = mats
+    has_nan = torch.isnan(mats).flatten(1).any(dim=1)
+    has_inf = torch.isinf(mats).flatten(1).any(dim=1)
+    g = torch.where((has_nan | has_inf)[:, None, None], torch.zeros_like(mats), mats)
     if g.shape[-2] > g.shape[-1]:
         g = g.mH  # same singular values; G Gᴴ below is the smaller Gram matrix
     log_scale = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
@@ -286,7 +302,9 @@ def gram_bound(mats: torch.Tensor, n_iters: int) -> torch.Tensor:
     a = torch.where(nonzero, a, torch.ones_like(a))
     fro = torch.linalg.matrix_norm(g / a[:, None, None].to(g.dtype), ord="fro").double() * a
     bound = torch.exp((torch.log(fro) + log_scale) / 2**n_iters)
-    return torch.where(nonzero, bound, torch.zeros_like(bound))
+    bound = torch.where(nonzero, bound, torch.zeros_like(bound))
+    bound = torch.where(has_inf, torch.full_like(bound, torch.inf), bound)
+    return torch.where(has_nan, torch.full_like(bound, torch.nan), bound)
 
 
 def _pad_copies(n: int, left: int, right: int, mode: str) -> int:
@@ -359,6 +377,7 @@ def conv_norm_bound(
     shape = check_input_shape(conv, input_shape)
     n_iters = _checks.integer("n_iters", n_iters, low=1)
     w = conv.weight if weight is None else weight
+    check_finite("weight" if weight is not None else "conv.weight", w)
     grid, factor = circulant_plan(conv, shape[1:])
     spec = kernel_spectrum(w, conv.groups, conv.dilation, grid)
     return (factor * gram_bound(spec, n_iters).max()).float()

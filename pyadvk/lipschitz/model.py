@@ -183,6 +183,8 @@ def spectral_norms(
     method = _checks.choice("method", method, METHODS)
     n_iters = _checks.integer("n_iters", DEFAULT_ITERS[method] if n_iters is None else n_iters, low=1)
     layers = layers_of(model)
+    for name, m in layers:
+        conv_norms.check_finite(f"layer {name!r}'s weight", m.weight)
     has_conv = any(isinstance(m, conv_norms.CONVS) for _, m in layers)
     shapes = {}
     if has_conv and method != "reshaped":
