@@ -102,3 +102,26 @@ def per_sample(
                 f"{name} must be {'>' if positive else '>='} 0 for every sample, got {float(value[i])} for sample {i}"
             )
     return 0.0, value
+
+
+def _memory_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first byte, past last byte) of a dense tensor's elements, or None if not dense."""
+    if t.numel() == 0 or not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def no_partial_overlap(name: str, written: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """An op that writes ``written`` while reading ``other`` must not see them share some but not
+    all of their memory (``pgd_step_(buf[1:], buf[:-1], g)``): the bodies read and write in
+    different orders, so the result would depend on the body. The same tensor (identical memory)
+    is allowed, as in torch's own in-place ops; non-dense tensors are copied by the ops anyway."""
+    a, b = _memory_range(written), _memory_range(other)
+    if a is None or b is None or a == b:
+        return
+    if a[0] < b[1] and b[0] < a[1]:
+        raise ValueError(
+            f"{other_name} partly overlaps {name} in memory, which the op writes in place: some of "
+            f"their elements are the same memory locations; pass a copy ({other_name}.clone())"
+        )

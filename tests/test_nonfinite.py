@@ -55,3 +55,24 @@ def test_gram_bound_is_never_a_finite_number_for_non_finite_matrices():
     assert math.isnan(out[1]) and out[2] == math.inf and out[3] == 0
     exact = torch.linalg.matrix_norm(mats[0].double(), ord=2)
     assert exact <= out[0] <= exact * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_in_place_step_refuses_partly_overlapping_arguments(backend):
+    from pyadvk.ops import pgd_step, pgd_step_
+
+    buf = torch.rand(5, 3, 4, 4)
+    g = torch.randn(4, 3, 4, 4)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="x_orig partly overlaps x_adv in memory"):
+        pgd_step_(buf[1:], buf[:-1], g, eps=0.1, alpha=0.05, backend=backend)
+    with pytest.raises(ValueError, match="grad partly overlaps x_adv in memory"):
+        pgd_step_(buf[1:], buf[1:].clone(), buf[:-1], eps=0.1, alpha=0.05, norm="l2", backend=backend)
+    assert torch.equal(buf, before), "a refused step wrote"
+    # the same tensor is fine (as for torch's own in-place ops), and equals the out-of-place step
+    x = torch.rand(4, 3, 4, 4)
+    expected = pgd_step(x, x, g, eps=0.1, alpha=0.05, backend=backend)
+    torch.testing.assert_close(pgd_step_(x, x, g, eps=0.1, alpha=0.05, backend=backend), expected, rtol=0, atol=0)
+    # disjoint views of one buffer are fine too
+    y = torch.rand(8, 3, 4, 4)
+    pgd_step_(y[:4], y[4:], g, eps=0.1, alpha=0.05, backend=backend)

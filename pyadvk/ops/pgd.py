@@ -211,10 +211,13 @@ def pgd_step_(
     check_values: bool = True,
 ) -> torch.Tensor:
     """In-place :func:`pgd_step`: writes the step into ``x_adv`` and returns it (no allocation
-    on the cpp/cuda/triton bodies when the tensors share a dense layout)."""
+    on the cpp/cuda/triton bodies when the tensors share a dense layout). ``x_orig`` and ``grad``
+    may be ``x_adv`` itself but must not partly overlap it in memory."""
     norm, eps, eps_t, alpha, alpha_t, lower, upper = _check_step(
         x_adv, x_orig, grad, eps, alpha, norm, lower, upper, check_values
     )
+    _checks.no_partial_overlap("x_adv", x_adv, "x_orig", x_orig)
+    _checks.no_partial_overlap("x_adv", x_adv, "grad", grad)
     if x_adv.numel() == 0:
         return x_adv
     return run_step(norm, True, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper, backend)
