@@ -62,6 +62,13 @@ def fast_fgsm_loss(
     return _cross_entropy(model(adv), labels)
 
 
+def _fraction(fraction: float) -> float:
+    fraction = _checks.real("fraction", fraction, low=0.0)
+    if fraction > 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return fraction
+
+
 def half_half(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -69,18 +76,113 @@ def half_half(
     *,
     fraction: float = 0.5,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The batch with a random ``fraction`` of its images replaced by ``attack(images, labels)``
-    on those images only (the half-half training of Woods et al. 2019)."""
-    fraction = _checks.real("fraction", fraction, low=0.0)
-    if fraction > 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return_index: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The batch with a random ``fraction`` of its images (exactly ``round(fraction·B)``) replaced
+    by ``attack(images, labels)`` run on those images only, as a sub-batch (pyadvk's half-half
+    training; the reference code's selection is :func:`reference_adversarial_images` with
+    ``affected``). With ``return_index``, also the (k,) indices of the attacked images."""
+    fraction = _fraction(fraction)
     k = int(round(fraction * images.shape[0]))
     mixed = images.detach().clone()
+    idx = torch.randperm(images.shape[0], generator=generator, device="cpu")[:k].to(images.device)
     if k:
-        idx = torch.randperm(images.shape[0], generator=generator, device="cpu")[:k].to(images.device)
         mixed[idx] = attack(mixed[idx], labels[idx]).to(mixed.dtype)
-    return mixed
+    return (mixed, idx) if return_index else mixed
+
+
+def _mean_square(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean(t²)`` over dims 1.. (reduced together, as the reference code): shape (B,)."""
+    return t.pow(2).mean(dim=tuple(range(1, t.dim())))
+
+
+def reference_adversarial_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float = 0.01,
+    steps: int = 7,
+    l2min: bool = False,
+    affected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adversarial training examples of Woods et al.'s reference code, in RMS units
+    (``rms(t) = ‖t‖₂ / √D``), from a zero start, with no box clipping and no momentum.
+
+    For ``k = 0 .. N−1``, with ``x = x0 + δ`` and ``s_k = eps·(N − k)/(N(N + 1)/2)`` (summing to
+    ``eps``): ``d = ∇ₓ Σ CE(f(x), y)`` while the sample is "not done", else ``d = −δ``;
+    ``δ ← δ + s_k · a · d / (1e-8 + rms(d))``, with ``a ∈ {0, 1}`` per sample (``affected``).
+
+    * ``l2min=False`` (the paper's adversarial training, ``eps = 0.01``): "not done" is
+      ``rms(δ) < eps``; returns ``x0 + δ_N``.
+    * ``l2min=True`` (L2,min, ``eps = 0.1``): "not done" is ``argmax f(x) = y``; one more
+      evaluation at ``δ_N``; returns the smallest-``mean(δ²)`` misclassified ``x0 + δ_k``,
+      ``k = 0..N`` (``x0`` where none was).
+
+    ``affected`` (B,) bool: the samples attacked; the others keep ``δ = 0`` (the reference's
+    half-half selection is a Bernoulli(0.5) ``affected`` over one whole-batch attack; default
+    all). Every sample takes part in each forward pass, so with batch norm in training mode the
+    attacked samples see the whole batch's statistics, as in the reference. Input gradients only.
+    """
+    _checks.tensor("images", images)
+    eps = _checks.real("eps", eps, low=0.0, low_inclusive=False)
+    steps = _checks.integer("steps", steps, low=1)
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        raise ValueError(f"labels must be an int64 tensor of shape ({images.shape[0]},)")
+    x0 = images.detach()
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    if affected is None:
+        scale = torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    else:
+        if not isinstance(affected, torch.Tensor) or affected.dtype != torch.bool or affected.shape != x0.shape[:1]:
+            got = f"{affected.dtype} {tuple(affected.shape)}" if isinstance(affected, torch.Tensor) else type(affected)
+            raise ValueError(f"affected must be a bool tensor of shape ({x0.shape[0]},), got {got}")
+        scale = affected.to(device=x0.device, dtype=x0.dtype)
+    scale = scale.view(view)
+    delta = torch.zeros_like(x0)
+    best = torch.zeros_like(x0)
+    best_sq = torch.full((x0.shape[0],), float("inf"), device=x0.device)
+    for k in range(steps + 1 if l2min else steps):
+        x = (x0 + delta).requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)
+            (grad,) = torch.autograd.grad(_cross_entropy_sum(logits, labels), x)
+        with torch.no_grad():
+            if l2min:
+                done = logits.argmax(dim=1) != labels
+                sq = _mean_square(delta)
+                better = done & (sq < best_sq)
+                best_sq = torch.where(better, sq, best_sq)
+                best = torch.where(better.view(view), delta, best)
+                if k == steps:
+                    break
+            else:
+                done = _mean_square(delta) >= eps**2
+            direction = torch.where(done.view(view), -delta, grad)
+            direction = direction / (1e-8 + _mean_square(direction).sqrt()).view(view) * scale
+            delta = delta.add(direction, alpha=eps * (steps - k) / (steps * (steps + 1) / 2))
+    return (x0 + (best if l2min else delta)).detach()
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def reference_adversarial_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    l2min: bool = False,
+    eps: float | None = None,
+    steps: int = 7,
+) -> torch.Tensor:
+    """The paper's adversarial training as its reference code does it: cross-entropy on
+    :func:`reference_adversarial_images` of the whole batch, L2 in RMS units with ``eps = 0.01``
+    (``l2min=True``: L2,min with ``eps = 0.1``), 7 decaying steps, zero start, no clipping."""
+    eps = (0.1 if l2min else 0.01) if eps is None else eps
+    adv = reference_adversarial_images(unwrap(model), images, labels, eps=eps, steps=steps, l2min=l2min)
+    return _cross_entropy(model(adv), labels)
 
 
 def half_half_loss(

@@ -1,7 +1,7 @@
 """The robust additions of Woods et al. 2019 as one training loss.
 
-Per batch: a random half of the images is replaced by adversarial images (half-half training;
-PGD-``steps`` in the L∞ ball of ``eps`` by default), then
+Per batch: a random half of the images is replaced by adversarial images (half-half training),
+then
 
     loss = CE(f(x), y) + ψ · mean |∂s/∂x|^p  (+ λ · LipschitzPenalty)
 
@@ -10,6 +10,20 @@ pass serves both terms; its gradient is taken with double backpropagation) and �
 :class:`pyadvk.lipschitz.AdaptivePsi`, updated with the batch's cross-entropy. The network itself
 should use the half-Huber ReLU (``pyadvk.models.build(..., activation="half_huber")``): its second
 derivative is non-zero, which the penalty's gradient needs.
+
+The adversarial half (``attack=``):
+
+* ``"pyadvk"`` (default): L∞ PGD-``steps`` with random start in the ball of ``eps`` (8/255), step
+  ``alpha``, on exactly ``round(fraction·B)`` images chosen at random, attacked as a sub-batch.
+* ``"reference"``: the paper's recipe as its reference code runs it: L2,min examples
+  (:func:`pyadvk.train.adversarial.reference_adversarial_images` with ``l2min=True``) of RMS
+  budget ``eps`` (0.1) in ``steps`` (7) linearly decaying steps from a zero start, no momentum,
+  no clipping to the box, on the samples of a Bernoulli(``fraction``) mask drawn per sample, the
+  attack running on the whole batch (the others keep δ = 0). Images never misclassified within
+  the budget stay clean, as in the reference.
+
+``loss_fn.last["attacked"]`` is the (B,) bool mask of the images made adversarial in the last
+batch.
 
 In a torch.distributed process group the cross-entropy that updates ψ is averaged over the ranks
 first, and the Lipschitz penalty's power-iteration state is broadcast from rank 0, so ψ and the
@@ -26,7 +40,9 @@ from torch import nn
 from pyadvk import _checks, distributed
 from pyadvk.attacks import PGD
 from pyadvk.lipschitz import AdaptivePsi, LipschitzPenalty, input_gradient_penalty
-from pyadvk.train.adversarial import half_half
+from pyadvk.train.adversarial import _fraction, half_half, reference_adversarial_images
+
+ATTACKS = ("pyadvk", "reference")
 
 
 class RobustLoss(nn.Module):
@@ -34,8 +50,13 @@ class RobustLoss(nn.Module):
     power iterations) is in ``state_dict()``, so :class:`AdversarialTrainer` checkpoints it.
 
     Args:
-        eps, alpha, steps: the L∞ PGD attack of the half-half batches (``steps=0``: no attack).
-        fraction: the share of each batch made adversarial (paper: 0.5).
+        attack: "pyadvk" (L∞ PGD on a sub-batch) or "reference" (the paper's L2,min on a
+            Bernoulli mask over the whole batch); see the module docstring.
+        eps, alpha, steps: the attack's radius (default 8/255 L∞ for "pyadvk", RMS budget 0.1 for
+            "reference"), PGD's step (``"pyadvk"`` only) and the number of steps (``steps=0``:
+            no attack).
+        fraction: the share of each batch made adversarial (paper: 0.5): exactly for "pyadvk",
+            the Bernoulli probability per sample for "reference".
         zeta, p: the input-gradient penalty's margin probability and exponent (paper: 0.2, 2).
         psi: the adaptive weight (default ``AdaptivePsi()`` with the paper's constants).
         lipschitz_weight: weight λ of a :class:`LipschitzPenalty` on the spectral norms of
@@ -46,7 +67,8 @@ class RobustLoss(nn.Module):
     def __init__(
         self,
         *,
-        eps: float = 8 / 255,
+        attack: str = "pyadvk",
+        eps: float | None = None,
         alpha: float = 2 / 255,
         steps: int = 7,
         fraction: float = 0.5,
@@ -60,9 +82,13 @@ class RobustLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.eps, self.alpha = eps, alpha
+        self.attack = _checks.choice("attack", attack, ATTACKS)
+        eps = (0.1 if self.attack == "reference" else 8 / 255) if eps is None else eps
+        self.eps = _checks.real("eps", eps, low=0.0, low_inclusive=False)
+        self.alpha = alpha
         self.steps = _checks.integer("steps", steps, low=0)
-        self.fraction, self.zeta, self.p = fraction, zeta, p
+        self.fraction = _fraction(fraction)
+        self.zeta, self.p = zeta, p
         self.psi = psi if psi is not None else AdaptivePsi()
         self.lipschitz_weight = _checks.real("lipschitz_weight", lipschitz_weight, low=0.0)
         self.lipschitz: LipschitzPenalty | None = None
@@ -79,9 +105,18 @@ class RobustLoss(nn.Module):
         self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.steps and self.fraction > 0:
+        attacked = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        if self.steps and self.fraction > 0 and self.attack == "reference":
+            attacked = (torch.rand(images.shape[0], generator=self.generator) < self.fraction).to(images.device)
+            images = reference_adversarial_images(
+                distributed.unwrap(model), images, labels, eps=self.eps, steps=self.steps, l2min=True, affected=attacked
+            )
+        elif self.steps and self.fraction > 0:
             attack = PGD(distributed.unwrap(model), eps=self.eps, alpha=self.alpha, steps=self.steps)
-            images = half_half(images, labels, attack, fraction=self.fraction, generator=self.generator)
+            images, idx = half_half(
+                images, labels, attack, fraction=self.fraction, generator=self.generator, return_index=True
+            )
+            attacked[idx] = True
         penalty, logits = input_gradient_penalty(
             model,
             images,
@@ -99,5 +134,5 @@ class RobustLoss(nn.Module):
         loss = ce + psi * penalty
         if self.lipschitz is not None:
             loss = loss + self.lipschitz_weight * self.lipschitz()
-        self.last = {"ce": ce.detach(), "penalty": penalty.detach(), "psi": torch.tensor(psi)}
+        self.last = {"ce": ce.detach(), "penalty": penalty.detach(), "psi": torch.tensor(psi), "attacked": attacked}
         return loss
