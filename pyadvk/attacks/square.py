@@ -78,15 +78,6 @@ def meta_pattern(s: int, device: torch.device | None = None) -> torch.Tensor:
     return eta / eta.norm()
 
 
-def _window(rows: torch.Tensor, cols: torch.Tensor, side: int, height: int, width: int) -> torch.Tensor:
-    """Boolean masks (n, 1, H, W) of the side×side squares whose top-left corners are (rows, cols)."""
-    h = torch.arange(height, device=rows.device)
-    w = torch.arange(width, device=rows.device)
-    in_r = (h >= rows[:, None]) & (h < rows[:, None] + side)
-    in_c = (w >= cols[:, None]) & (w < cols[:, None] + side)
-    return (in_r[:, :, None] & in_c[:, None, :])[:, None]
-
-
 class Square(Attack):
     """Square Attack, untargeted, L∞ or L2 (see the module docstring for the algorithm).
 
@@ -132,6 +123,8 @@ class Square(Attack):
         self.loss_name = _checks.choice("loss", loss, LOSSES)
         self.seed = _checks.integer("seed", seed)
         self.queries: torch.Tensor | None = None
+        self._tables_key: tuple | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     # ----------------------------------------------------------------------------------------
 
@@ -171,52 +164,73 @@ class Square(Attack):
     def _objective(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimize, margin) per image, both (n,)."""
         z = logits.float()
-        zy = z.gather(1, labels[:, None]).squeeze(1)
-        others = z.scatter(1, labels[:, None], float("-inf")).amax(1)
-        margin = zy - others
+        col = labels[:, None]
+        margin = z.gather(1, col).squeeze(1) - z.scatter(1, col, float("-inf")).amax(1)
         if self.loss_name == "margin":
             return margin, margin
-        return torch.log_softmax(z, 1).gather(1, labels[:, None]).squeeze(1), margin
-
-    def _query(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._objective(self.model(x), labels)
+        return torch.log_softmax(z, 1).gather(1, col).squeeze(1), margin
 
     def _run(
         self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One restart on the images x (all standing): (best images, loss, margin, queries used)."""
+        """One restart on the images x (all standing): (best images, loss, margin, queries used).
+
+        The loop works on a compacted copy of the images still standing (``rows`` of x), so an
+        iteration costs no gather or scatter; the copy shrinks only when an image breaks.
+        """
+        n = x.shape[0]
         x32 = x.float()
         init = self._init_linf(x32, gen) if self.norm == "linf" else self._init_l2(x32, gen)
-        x_adv = init.clamp_(self.lower, self.upper)
-        loss, margin = self._query(x_adv.to(x.dtype), labels)
-        used = torch.ones(x.shape[0], dtype=torch.int64, device=x.device)
-        standing = margin >= 0
-        propose = self._propose_linf if self.norm == "linf" else self._propose_l2
-        for it in range(1, self.n_queries):
-            idx = standing.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            everyone = idx.numel() == x.shape[0]
-            xo, xa, y = (x32, x_adv, labels) if everyone else (x32[idx], x_adv[idx], labels[idx])
-            cand = propose(xo, xa, p_schedule(it, self.n_queries, self.p_init), gen)
-            new_loss, new_margin = self._query(cand.to(x.dtype), y)
-            old_loss = loss[idx]
-            better = (new_loss < old_loss) | (new_margin < 0)
-            x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), cand, xa)
-            loss[idx] = torch.where(better, new_loss, old_loss)
-            margin[idx] = torch.where(better, new_margin, margin[idx])
-            used[idx] += 1
-            standing[idx] = margin[idx] >= 0
-        return x_adv.to(x.dtype), loss, margin, used
+        out_adv = init.clamp_(self.lower, self.upper)
+        out_loss, out_margin = self._objective(self.model(out_adv.to(x.dtype)), labels)
+        used = torch.ones(n, dtype=torch.int64, device=x.device)
+        rows = (out_margin >= 0).nonzero().squeeze(1)
+        work = [x32[rows], out_adv[rows], out_loss[rows], out_margin[rows], labels[rows]]
+        if self.norm == "linf":  # the two vertex values of every pixel, clipped to the box
+            work += [(work[0] + self.eps).clamp_(max=self.upper), (work[0] - self.eps).clamp_(min=self.lower)]
+        it = 1
+        while it < self.n_queries and rows.numel():
+            p = p_schedule(it, self.n_queries, self.p_init)
+            if self.norm == "linf":
+                cand = self._propose_linf(work[1], work[5], work[6], p, gen)
+            else:
+                cand = self._propose_l2(work[0], work[1], p, gen)
+            new_loss, new_margin = self._objective(self.model(cand.to(x.dtype)), work[4])
+            better = new_loss < work[2]
+            if self.loss_name != "margin":
+                better |= new_margin < 0
+            work[1] = torch.where(better.view(-1, 1, 1, 1), cand, work[1])
+            work[2] = torch.where(better, new_loss, work[2])
+            work[3] = work[2] if self.loss_name == "margin" else torch.where(better, new_margin, work[3])
+            it += 1
+            broke = work[3] < 0
+            if bool(broke.any()):  # write the broken images back and drop them from the work set
+                done = rows[broke]
+                out_adv[done], out_loss[done], out_margin[done] = work[1][broke], work[2][broke], work[3][broke]
+                used[done] = it
+                keep = ~broke
+                rows = rows[keep]
+                work = [t[keep] for t in work]
+        out_adv[rows], out_loss[rows], out_margin[rows] = work[1], work[2], work[3]
+        used[rows] = it
+        return out_adv.to(x.dtype), out_loss, out_margin, used
 
     def _side(self, p: float, height: int, width: int, smallest: int) -> int:
         largest = max(min(height, width) - 1, 1)
         return min(max(int(round(math.sqrt(p * height * width))), min(smallest, largest)), largest)
 
-    def _corners(self, n: int, side: int, height: int, width: int, gen: torch.Generator, device):
-        rows = torch.randint(0, height - side + 1, (n,), generator=gen, device=device)
-        cols = torch.randint(0, width - side + 1, (n,), generator=gen, device=device)
-        return rows, cols
+    def _window(self, n: int, side: int, height: int, width: int, gen: torch.Generator, device) -> torch.Tensor:
+        """Masks (n, 1, H, W) of side×side squares at uniformly drawn positions, one per image."""
+        key = (side, height, width, device)
+        if self._tables_key != key:  # one-hot rows of every position's square (side changes rarely)
+            h, w = torch.arange(height, device=device), torch.arange(width, device=device)
+            r, c = torch.arange(height - side + 1, device=device), torch.arange(width - side + 1, device=device)
+            self._tables = ((h >= r[:, None]) & (h < r[:, None] + side), (w >= c[:, None]) & (w < c[:, None] + side))
+            self._tables_key = key
+        rows_t, cols_t = self._tables
+        r = torch.randint(0, rows_t.shape[0], (n,), generator=gen, device=device)
+        c = torch.randint(0, cols_t.shape[0], (n,), generator=gen, device=device)
+        return (rows_t[r][:, :, None] & cols_t[c][:, None, :])[:, None]
 
     def _signs(self, shape: tuple[int, ...], gen: torch.Generator, device) -> torch.Tensor:
         return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
@@ -227,16 +241,16 @@ class Square(Attack):
         n, c, _, w = x.shape
         return x + self.eps * self._signs((n, c, 1, w), gen, x.device)
 
-    def _propose_linf(self, x: torch.Tensor, x_adv: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-        n, c, h, w = x.shape
-        side = self._side(p, h, w, 1)
-        rows, cols = self._corners(n, side, h, w, gen, x.device)
-        window = _window(rows, cols, side, h, w)
-        signs = self._signs((n, c, 1, 1), gen, x.device)
-        cand = torch.where(window, (x + self.eps * signs).clamp_(self.lower, self.upper), x_adv)
-        same = (cand == x_adv).flatten(1).all(1)
-        signs[:, 0] = torch.where(same[:, None, None], -signs[:, 0], signs[:, 0])
-        return torch.where(window, (x + self.eps * signs).clamp_(self.lower, self.upper), x_adv)
+    def _propose_linf(
+        self, x_adv: torch.Tensor, x_plus: torch.Tensor, x_minus: torch.Tensor, p: float, gen: torch.Generator
+    ) -> torch.Tensor:
+        n, c, h, w = x_adv.shape
+        window = self._window(n, self._side(p, h, w, 1), h, w, gen, x_adv.device)
+        up = torch.randint(0, 2, (n, c, 1, 1), generator=gen, device=x_adv.device, dtype=torch.bool)
+        cand = torch.where(window, torch.where(up, x_plus, x_minus), x_adv)
+        # a proposal equal to the current image would waste a query: flip its first channel
+        up[:, 0] ^= (cand == x_adv).flatten(1).all(1)[:, None, None]
+        return torch.where(window, torch.where(up, x_plus, x_minus), x_adv)
 
     # ----- L2 -------------------------------------------------------------------------------
 
@@ -259,27 +273,23 @@ class Square(Attack):
         n, c, h, w = x.shape
         side = self._side(p, h, w, 2)
         delta = x_adv - x
-        rows, cols = self._corners(n, side, h, w, gen, x.device)
-        w1 = _window(rows, cols, side, h, w)
-        w2 = _window(*self._corners(n, side, h, w, gen, x.device), side, h, w)
+        w1 = self._window(n, side, h, w, gen, x.device)
+        w2 = self._window(n, side, h, w, gen, x.device)
         sq = delta.square()
         unused = (self.eps**2 - sq.flatten(1).sum(1)).clamp_min(0)
         avail = (torch.where(w1 | w2, sq, 0).sum((2, 3)) + unused[:, None] / c).sqrt()
         w1_norm = torch.where(w1, sq, 0).sum((2, 3)).sqrt()
-        # the unit pattern placed at W1, transposed for a random half of the images
+        # the unit pattern filling W1 (row-major), transposed for a random half of the images
         eta = meta_pattern(side, x.device)
-        patterns = torch.stack([eta, eta.T]).flatten(1)
-        flip = torch.randint(0, 2, (n,), generator=gen, device=x.device)
-        local_r = (torch.arange(h, device=x.device) - rows[:, None]).clamp(0, side - 1)
-        local_c = (torch.arange(w, device=x.device) - cols[:, None]).clamp(0, side - 1)
-        index = (local_r[:, :, None] * side + local_c[:, None, :]).flatten(1)
-        placed = torch.where(w1, patterns[flip].gather(1, index).view(n, 1, h, w), 0)
+        flip = torch.randint(0, 2, (n,), generator=gen, device=x.device, dtype=torch.bool)
+        placed = torch.zeros_like(delta[:, :1])
+        placed[w1] = torch.where(flip[:, None], eta.T.reshape(1, -1), eta.reshape(1, -1)).flatten()
         rho = self._signs((n, c, 1, 1), gen, x.device)
-        scale = torch.where(w1_norm > 0, 1 / w1_norm.clamp_min(torch.finfo(x.dtype).tiny), 0)
+        tiny = torch.finfo(x.dtype).tiny
+        scale = torch.where(w1_norm > 0, 1 / w1_norm.clamp_min(tiny), 0)
         t = rho * placed + torch.where(w1, delta, 0) * scale[:, :, None, None]
-        t_norm = t.square().sum((2, 3)).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
-        fresh = t * (avail / t_norm)[:, :, None, None]
+        fresh = t * (avail / t.square().sum((2, 3)).sqrt().clamp_min(tiny))[:, :, None, None]
         delta = torch.where(w1, fresh, torch.where(w2, 0, delta))
-        norm = delta.flatten(1).norm(dim=1)
-        delta = delta * torch.clamp(self.eps / norm.clamp_min(torch.finfo(x.dtype).tiny), max=1.0).view(-1, 1, 1, 1)
+        norm = delta.flatten(1).norm(dim=1).clamp_min(tiny)
+        delta = delta * torch.clamp(self.eps / norm, max=1.0).view(-1, 1, 1, 1)
         return (x + delta).clamp_(self.lower, self.upper)
