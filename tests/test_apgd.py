@@ -291,3 +291,210 @@ def test_apgd_no_weaker_than_pgd20_on_adversarially_trained_digits(one_thread):
     # measured: clean 0.96, PGD-20 0.540, APGD-CE 0.525, APGD-DLR 0.560, APGD-T 0.505
     assert acc["clean"] > 0.9 and 0.2 < acc["pgd"] < 0.8  # an eps where the comparison means something
     assert acc["ce"] <= acc["pgd"] and acc["t"] < acc["pgd"] and worst < acc["pgd"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses.
+
+
+def test_dlr_losses_by_hand():
+    logits = torch.tensor([[4.0, 1.0, 3.0, 0.0, -2.0], [1.0, 5.0, 2.0, 0.5, 0.0]])
+    labels = torch.tensor([0, 0])
+    # row 0: y = 0 is the top class, the best other is 3.0; sorted 4, 3, 1, 0
+    # row 1: y = 0 (z_y = 1) is misclassified, the best other is 5.0; sorted 5, 2, 1, 0.5
+    expected = torch.tensor([-(4.0 - 3.0) / (4.0 - 1.0), -(1.0 - 5.0) / (5.0 - 1.0)])
+    torch.testing.assert_close(dlr_loss(logits, labels), expected, rtol=0, atol=1e-7)
+    targets = torch.tensor([4, 2])
+    expected_t = torch.tensor([-(4.0 + 2.0) / (4.0 - (1.0 + 0.0) / 2), -(1.0 - 2.0) / (5.0 - (1.0 + 0.5) / 2)])
+    torch.testing.assert_close(dlr_loss_targeted(logits, labels, targets), expected_t, rtol=0, atol=1e-7)
+
+
+def test_dlr_sign_and_invariance():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 10, generator=gen)
+    labels = torch.randint(0, 10, (50,), generator=gen)
+    targets = (labels + 1 + torch.randint(0, 9, (50,), generator=gen)) % 10
+    loss = dlr_loss(logits, labels)
+    assert torch.equal(loss > 0, logits.argmax(1) != labels)
+    torch.testing.assert_close(dlr_loss(3.0 * logits - 7.0, labels), loss, rtol=1e-5, atol=1e-6)
+    loss_t = dlr_loss_targeted(logits, labels, targets)
+    z_t, z_y = logits.gather(1, targets[:, None]).squeeze(1), logits.gather(1, labels[:, None]).squeeze(1)
+    assert torch.equal(loss_t > 0, z_t > z_y)
+    torch.testing.assert_close(dlr_loss_targeted(2.0 * logits + 1.0, labels, targets), loss_t, rtol=1e-5, atol=1e-6)
+    assert dlr_loss(logits.half(), labels).dtype == torch.float32
+
+
+def test_dlr_bad_input():
+    logits, labels = torch.randn(4, 10), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        dlr_loss(torch.randn(4, 2), labels)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        dlr_loss_targeted(torch.randn(4, 3), labels, labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        dlr_loss(logits, labels[:3])
+    with pytest.raises(TypeError, match="targets must be an int64 tensor"):
+        dlr_loss_targeted(logits, labels, labels.float())
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, C\)"):
+        dlr_loss(logits[None], labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants and options.
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_results_in_ball_and_box_per_image_eps(norm, one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=6)
+    eps = torch.tensor([0.1, 0.0, 0.01, 0.05, 0.2, 1.0]) * (1 if norm == "linf" else 4)
+    adv = APGD(model, norm=norm, eps=eps, steps=10, loss="dlr")(images, labels)
+    assert_in_ball_and_box(adv, images, eps, norm)
+    assert torch.equal(adv[:2], images[:2])  # misclassified unperturbed; eps = 0
+    # another input range
+    shifted = APGDT(lambda x: model(x + 1.0), norm=norm, eps=eps, steps=10, n_target_classes=2, lower=-1.0, upper=0.0)
+    adv = shifted(images - 1.0, labels)
+    assert_in_ball_and_box(adv, images - 1.0, eps, norm, lower=-1.0, upper=0.0)
+
+
+def test_mode_and_parameter_grads_untouched(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 10))
+    images, labels = torch.rand(5, 3, 8, 8), torch.arange(5)
+    for training in (True, False):
+        model.train(training)
+        for attack in (APGD(model, eps=0.03, steps=5, eot_iter=2), APGDT(model, eps=0.03, steps=5, n_target_classes=2)):
+            adv = attack(images, labels)
+            assert_in_ball_and_box(adv, images, 0.03, "linf")
+            assert model.training is training
+            assert all(p.grad is None for p in model.parameters())
+            assert not adv.requires_grad
+
+
+@pytest.mark.parametrize("cls", [APGD, APGDT])
+def test_seeded_and_reproducible(cls, one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=6, wrong=0)
+    kw = dict(norm="l2", eps=0.5, steps=8) | ({"n_target_classes": 2} if cls is APGDT else {})
+    first = cls(model, seed=4, **kw)(images, labels)
+    assert torch.equal(cls(model, seed=4, **kw)(images, labels), first)
+    assert not torch.equal(cls(model, seed=5, **kw)(images, labels), first)
+
+
+def test_restarts_attack_only_the_images_still_standing(one_thread):
+    model = small_cnn()
+    sizes = []
+
+    def counted(x):
+        sizes.append(len(x))
+        return model(x)
+
+    images, labels = batch(model, n=16, wrong=0)
+    kw = dict(norm="l2", eps=0.2, steps=1, seed=1)  # one step: the random start matters
+    one = APGD(model, restarts=1, **kw)(images, labels)
+    five = APGD(counted, restarts=5, **kw)(images, labels)
+    with torch.no_grad():
+        broken_one, broken_five = model(one).argmax(1) != labels, model(five).argmax(1) != labels
+    assert (broken_five >= broken_one).all() and broken_five.sum() > broken_one.sum()  # measured 13 -> 14 of 16
+    # the first run is the same: its successes come back unchanged
+    assert torch.equal(five[broken_one], one[broken_one])
+    # clean pass, then per run (steps + 1) evaluations of the images no run has broken yet
+    runs = sizes[1:]
+    assert sizes[0] == 16 and runs[:2] == [16, 16] and runs[2] == 16 - int(broken_one.sum())
+    assert all(a >= b for a, b in zip(runs, runs[1:])) and len(runs) <= 2 * 5
+
+
+def test_eot_on_a_deterministic_model_changes_nothing(one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=6)
+    kw = dict(norm="linf", eps=1 / 64, steps=8, loss="dlr")
+    assert torch.equal(APGD(model, eot_iter=3, **kw)(images, labels), APGD(model, **kw)(images, labels))
+
+
+def test_eot_averages_the_gradient_of_a_randomized_model(one_thread):
+    # Noise with a large mean offset at the input makes one pass's gradient direction unreliable;
+    # averaging passes is what the "rand" version of AutoAttack relies on.
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval()
+    calls = []
+
+    def noisy(x):
+        calls.append(len(x))
+        return linear(x + 0.05 * torch.randn_like(x))
+
+    images = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        labels = linear(images).argmax(1)
+    adv = APGD(noisy, eps=0.03, steps=4, eot_iter=5)(images, labels)
+    assert_in_ball_and_box(adv, images, 0.03, "linf")
+    assert len(calls) == 5 + 5 * (4 + 1)  # the clean evaluation, then steps + 1 evaluations, 5 passes each
+
+
+def test_autocast_channels_last_and_int32_labels(one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=6)
+    kw = dict(norm="linf", eps=1 / 32, steps=8)
+    adv = APGD(model, channels_last=True, **kw)(images, labels.int())
+    assert adv.is_contiguous(memory_format=torch.channels_last)
+    assert_in_ball_and_box(adv, images, 1 / 32, "linf")
+    # the same points as contiguous images where the model's arithmetic is the same (a channels_last
+    # convolution rounds differently, and a sign step amplifies any difference)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval()
+    with torch.no_grad():
+        labels = linear(images).argmax(1)
+    eager = APGD(linear, **kw)(images, labels)
+    torch.testing.assert_close(APGD(linear, channels_last=True, **kw)(images, labels.int()), eager, rtol=0, atol=0)
+    adv = APGD(model, autocast=torch.bfloat16, **kw)(images, labels)
+    assert_in_ball_and_box(adv, images, 1 / 32, "linf")
+    assert adv.dtype == torch.float32
+    adv = APGD(lambda x: model(x.float()), **kw)(images.half(), labels)  # float16 images
+    assert adv.dtype == torch.float16
+    assert_in_ball_and_box(adv.float(), images.half().float(), 1 / 32, "linf")
+
+
+def test_empty_batch_and_nothing_to_attack(one_thread):
+    model = small_cnn()
+    images, labels = batch(model, n=3, wrong=3)
+    assert torch.equal(APGD(model, eps=0.1, steps=3)(images, labels), images)
+    empty = APGD(model, eps=0.1, steps=3)(images[:0], labels[:0])
+    assert empty.shape == (0, 3, 8, 8)
+
+
+def test_bad_input():
+    model = small_cnn()
+    images, labels = batch(model, n=2)
+    cases = [
+        (dict(norm="l1"), ValueError, "norm must be one of 'linf', 'l2'; got 'l1'"),
+        (dict(eps=-0.1), ValueError, "eps must be >= 0.0, got -0.1"),
+        (dict(steps=0), ValueError, "steps must be >= 1, got 0"),
+        (dict(steps=2.5), TypeError, "steps must be an int, got float 2.5"),
+        (dict(loss="cw"), ValueError, "loss must be one of 'ce', 'dlr'; got 'cw'"),
+        (dict(rho=1.0), ValueError, r"rho must be in \(0, 1\), got 1.0"),
+        (dict(rho=0), ValueError, r"rho must be in \(0, 1\), got 0.0"),
+        (dict(restarts=0), ValueError, "restarts must be >= 1, got 0"),
+        (dict(eot_iter=0), ValueError, "eot_iter must be >= 1, got 0"),
+        (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
+        (dict(autocast=torch.float64), ValueError, "autocast must be None"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            APGD(model, **({"eps": 0.1} | kwargs))
+    with pytest.raises(ValueError, match="n_target_classes must be >= 1, got 0"):
+        APGDT(model, eps=0.1, n_target_classes=0)
+    with pytest.raises(ValueError, match=r"n_target_classes must be < the number of classes \(10\).*got 10"):
+        APGDT(model, eps=0.1, n_target_classes=10)(images, labels)
+    three = small_cnn(classes=3)
+    with pytest.raises(ValueError, match="APGDT needs at least 4 classes.*got logits with 3"):
+        APGDT(three, eps=0.1, n_target_classes=2)(images, labels % 3)
+    two = small_cnn(classes=2)
+    with pytest.raises(ValueError, match="loss='dlr' needs at least 3 classes.*got logits with 2"):
+        APGD(two, eps=0.1, loss="dlr")(images, labels % 2)
+    with pytest.raises(ValueError, match=r"cuda_graph=True needs CUDA images, got images on cpu"):
+        APGD(model, eps=0.1, cuda_graph=True)(images, labels)
+    with pytest.raises(ValueError, match=r"images must lie in \[lower, upper\]"):
+        APGD(model, eps=0.1)(images + 1.0, labels)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\)"):
+        APGD(model, eps=0.1)(images, labels + 10)
+    with pytest.raises(ValueError, match="eps must be >= 0 for every sample, got -1.0 for sample 1"):
+        APGD(model, eps=torch.tensor([0.1, -1.0]))(images, labels)
+    with pytest.raises(ValueError, match=r"eps must be a float or a floating tensor of shape \(2,\)"):
+        APGD(model, eps=torch.tensor([0.1, 0.1, 0.1]))(images, labels)

@@ -259,6 +259,10 @@ class APGD(Attack):
 
     # -- the attack --------------------------------------------------------------------------------
 
+    @property
+    def _format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def _amp(self, device: torch.device):
         if self.autocast is None:
             return contextlib.nullcontext()
@@ -301,8 +305,9 @@ class APGD(Attack):
 
     def _run(self, x_orig, labels, targets, eps, generator):
         """One APGD run on a batch: (result points, found (B,), best objective (B,))."""
+        # drawn in the contiguous layout, so that channels_last does not change the start
         start = random_init(
-            x_orig,
+            x_orig.contiguous(),
             eps=eps,
             norm=self.norm,
             lower=self.lower,
@@ -310,7 +315,7 @@ class APGD(Attack):
             generator=generator,
             backend=self.backend,
             check_values=False,
-        )
+        ).contiguous(memory_format=self._format)
         run = _Run(start, eps)
         run.record(*self._evaluate(run.cur, labels, targets))
         run.best_last.copy_(run.loss_best)
@@ -352,7 +357,7 @@ class APGD(Attack):
         if self.cuda_graph and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
         images, labels = images.detach(), labels.long()
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = self._format
         images = images.contiguous(memory_format=fmt)
         adv = images.clone()
         batch = images.shape[0]
