@@ -211,3 +211,48 @@ def test_an_intact_statistics_file_resumes(tmp_path):
     a, b = fresh.state_dict()["states"]["features"], stats.state_dict()["states"]["features"]
     for key, value in a.items():
         assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key
+
+
+class _InterruptAt(nn.Module):
+    """Identity that raises KeyboardInterrupt on its n-th call (a Ctrl-C between two layers)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return x
+
+
+def test_ctrl_c_between_layers_never_saves_an_inconsistent_state(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), _InterruptAt(3), nn.Conv2d(3, 2, 3), nn.ReLU())
+    data = torch.rand(40, 1, 8, 8)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    stats = NeuronStats(model, layers=["1", "4"], histogram_range=(-1.0, 1.0))
+    with pytest.raises(KeyboardInterrupt):
+        stats.track(loader, progress=False)
+    # layer "1" counted the third batch, layer "4" and the sample counter did not
+    assert stats.samples == 16
+    with pytest.raises(RuntimeError, match=r"interrupted mid-forward after layer\(s\) 1 counted it"):
+        stats.save(tmp_path / "s.pt")
+    with pytest.raises(RuntimeError, match="cannot fold another batch"):
+        stats.track(loader, progress=False)
+    assert not (tmp_path / "s.pt").exists()
+
+    # the supported path: save between batches, interrupt, reload, resume = one uninterrupted pass
+    model[2].n = 10**9
+    whole = NeuronStats(model, layers=["1", "4"], histogram_range=(-1.0, 1.0)).track(loader, progress=False)
+    first = NeuronStats(model, layers=["1", "4"], histogram_range=(-1.0, 1.0))
+    first.track(loader, progress=False, max_samples=16)
+    first.save(tmp_path / "s.pt")
+    resumed = NeuronStats(model, layers=["1", "4"], histogram_range=(-1.0, 1.0))
+    resumed.load(tmp_path / "s.pt")
+    resumed.track(loader, progress=False)
+    a, b = resumed.state_dict()["states"], whole.state_dict()["states"]
+    for layer in ("1", "4"):
+        for key in ("count", "hist", "topk_values", "topk_sample"):
+            assert torch.equal(a[layer][key], b[layer][key]), (layer, key)

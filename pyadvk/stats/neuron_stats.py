@@ -123,6 +123,7 @@ class NeuronStats:
         self.samples = 0  # samples seen by every layer (the offset of the next batch)
         self._handles: list = []
         self._batch: int | None = None  # size of the batch in the current forward
+        self._pending: list[str] = []  # layers that folded the current batch before it ended
 
     @staticmethod
     def _check_index(sample_index) -> tuple[int, int]:
@@ -170,8 +171,20 @@ class NeuronStats:
     def _advance(self, module, inputs, output) -> None:
         batch = self._batch
         self._batch = None
+        self._pending = []
         if batch is not None:
             self.samples += batch
+
+    def _check_whole(self, action: str) -> None:
+        """Raises when a batch was folded into some layers but never ended (a forward interrupted,
+        e.g. by Ctrl-C, between two hooked layers): those layers count samples that the others and
+        the sample counter do not, and a saved or merged state would be silently inconsistent."""
+        if self._pending:
+            raise RuntimeError(
+                f"cannot {action}: a batch was interrupted mid-forward after layer(s) "
+                f"{', '.join(self._pending)} counted it (the other layers and the sample counter did not); "
+                "these statistics are inconsistent. Reload the last saved state (load()) and resume from it."
+            )
 
     def update(self, layer: str, activations: torch.Tensor) -> None:
         """Folds one layer's activations of the current batch (called by the hooks; call it
@@ -191,8 +204,11 @@ class NeuronStats:
             )
         if activations.device != state.count.device:
             self.states[layer] = state = state.to(activations.device)
+        if layer in self._pending:
+            self._check_whole("fold another batch")
         cs.channel_stats_update(state, activations, self.samples, backend=self.backend)
         self._batch = activations.shape[0]
+        self._pending.append(layer)
 
     def advance(self, batch: int | None = None) -> None:
         """Ends a batch fed through :meth:`update` (the hooks do this themselves)."""
@@ -378,7 +394,9 @@ class NeuronStats:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to resume (tensors on the CPU; loadable with weights_only=True)."""
+        """Everything needed to resume (tensors on the CPU; loadable with weights_only=True).
+        Refused (RuntimeError) after a batch interrupted between two layers: see :meth:`load`."""
+        self._check_whole("save the statistics")
         return {
             "format": FORMAT,
             "config": self._config(),
@@ -435,6 +453,7 @@ class NeuronStats:
         self.spatial_shapes = spatial_shapes
         self.samples = samples
         self.sample_index = sample_index
+        self._batch, self._pending = None, []
 
     def _check_config(self, config: dict, what: str) -> None:
         mine = self._config()
@@ -498,6 +517,8 @@ class NeuronStats:
         if not isinstance(other, NeuronStats):
             raise TypeError(f"other must be a NeuronStats, got {type(other).__name__}")
         self._check_config(other._config(), "the other NeuronStats")
+        self._check_whole("merge")
+        other._check_whole("merge the other NeuronStats")
         mine, theirs = self._globalized(), other._globalized()
         merged = {name: self._merge_one(mine[name], theirs[name], name) for name in self.layers}
         for name in self.layers:
@@ -513,6 +534,7 @@ class NeuronStats:
         up with the statistics of one pass over all shards. Collective: call on every rank."""
         if not distributed.is_distributed():
             return self
+        self._check_whole("sync")
         import torch.distributed as dist
 
         payload = {
