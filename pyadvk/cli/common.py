@@ -16,6 +16,17 @@ class UserError(Exception):
     """An error in what the user asked for: printed without a traceback, exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a clear usage error otherwise, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
 

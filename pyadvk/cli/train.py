@@ -67,6 +67,25 @@ def _half_half(model, images, labels, *, eps, alpha, steps):
 
 
 LOSSES = ("standard", "pgd", "fast", "halfhalf", "robust", "consistent")
+# The arguments a resumed run must share with its checkpoint (--epochs may grow; --out, --device,
+# --restart and --override-settings say how to run, not what is trained).
+SETTINGS = (
+    "data",
+    "arch",
+    "activation",
+    "loss",
+    "zeta",
+    "lipschitz_weight",
+    "consistent_layers",
+    "consistent_lam",
+    "eps",
+    "alpha",
+    "attack_steps",
+    "lr",
+    "amp",
+    "channels_last",
+    "seed",
+)
 
 
 def run(args) -> int:
@@ -90,6 +109,8 @@ def run(args) -> int:
         resume=not args.restart,
         amp=args.amp,
         channels_last=args.channels_last,
+        settings={k: getattr(args, k) for k in SETTINGS},
+        override_settings=args.override_settings,
     )
     if trainer.epoch:
         common.say(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epoch}")
@@ -151,12 +172,20 @@ def add_parser(sub) -> None:
     p.add_argument("--consistent-lam", type=float, default=1.0, help="--loss consistent: weight λ")
     p.add_argument("--eps", type=float, default=8 / 255, help="L∞ budget of the training attack")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5·eps/steps)")
-    p.add_argument("--attack-steps", type=int, default=7, help="PGD steps of the training attack (default 7)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--attack-steps", type=common.positive_int, default=7, help="PGD steps of the training attack (default 7)"
+    )
+    p.add_argument("--epochs", type=common.positive_int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="mixed precision")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in OUT")
+    p.add_argument(
+        "--override-settings",
+        action="store_true",
+        help="resume a checkpoint written with other settings (e.g. --lr, --loss), continuing from its "
+        "weights with the new ones (by default such a resume is refused, listing the differences)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(run=run)

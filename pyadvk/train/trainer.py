@@ -34,6 +34,10 @@ class AdversarialTrainer:
             ``resume=True`` an existing one is loaded and training continues after its epoch.
         amp: None, "bf16" or "fp16" (autocast; fp16 with a gradient scaler).
         channels_last: convert the model and every batch to channels_last.
+        settings: the run's hyperparameters as a JSON-able dict (e.g. learning rate, loss, budget),
+            stored in the checkpoint. Resuming a checkpoint written with other settings is refused
+            (ValueError listing each difference) unless ``override_settings=True``, which continues
+            with the new settings (and the new learning rates) from the checkpoint's weights.
 
     In a torch.distributed process group (e.g. under ``torchrun``) the model is wrapped in
     DistributedDataParallel; each rank trains on its loader's shard (use
@@ -59,6 +63,8 @@ class AdversarialTrainer:
         amp: str | None = None,
         channels_last: bool = False,
         progress: bool = True,
+        settings: dict | None = None,
+        override_settings: bool = False,
     ) -> None:
         self.epochs = _checks.integer("epochs", epochs, low=0)
         if amp is not None:
@@ -80,6 +86,8 @@ class AdversarialTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.epoch = 0
         self.history: list[dict] = []
+        self.settings = None if settings is None else dict(settings)
+        self.override_settings = bool(override_settings)
         if checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint(self.checkpoint_path)
 
@@ -172,6 +180,8 @@ class AdversarialTrainer:
             "rng": torch.get_rng_state(),
             "world_size": distributed.world_size(),
         }
+        if self.settings is not None:
+            state["settings"] = self.settings
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -180,10 +190,28 @@ class AdversarialTrainer:
             state["loss"] = self.loss_fn.state_dict()
         return state
 
+    def _check_settings(self, saved: dict | None) -> None:
+        if self.settings is None or saved is None or self.override_settings:
+            return
+        keys = sorted(set(self.settings) | set(saved))
+        diff = [k for k in keys if self.settings.get(k) != saved.get(k)]
+        if diff:
+            lines = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {self.settings.get(k)!r} now" for k in diff)
+            raise ValueError(
+                f"the checkpoint was written with other settings ({lines}). Resume with the checkpoint's "
+                "settings, start over (--restart / resume=False), or continue from its weights with the new "
+                "settings (--override-settings / override_settings=True)"
+            )
+
     def load_state_dict(self, state: dict) -> None:
         distributed.check_world_size(state.get("world_size"), "this checkpoint")
+        self._check_settings(state.get("settings"))
+        new_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.override_settings:
+            for group, lr in zip(self.optimizer.param_groups, new_lrs):
+                group["lr"] = lr
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
