@@ -77,7 +77,7 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def norm_of(t: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-row norm over all dims but the first: ``‖t_b‖₂`` or ``max |t_b|``, shape (B,)."""
-    flat = t.reshape(t.shape[0], -1)
+    flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
     if flat.shape[1] == 0:
         return flat.new_zeros(flat.shape[0])
     return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
