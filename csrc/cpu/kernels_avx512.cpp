@@ -7,6 +7,7 @@
 namespace pyadvk {
 namespace cpu_avx512 {
 #include "cpu/pgd_kernels.inc"
+#include "cpu/apgd_kernels.inc"
 #include "cpu/half_huber_kernels.inc"
 #include "cpu/power_iteration_kernels.inc"
 #include "cpu/channel_stats_kernels.inc"

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "half_huber.h"
+#include "apgd.h"
 #include "pgd.h"
 #include "power_iteration.h"
 #include "channel_stats.h"
