@@ -64,6 +64,8 @@ def test_train_resumes(trained, capsys):
                 "3",
                 "--batch-size",
                 "128",
+                "--lr",
+                "3e-3",
                 "--out",
                 str(trained),
             ]
