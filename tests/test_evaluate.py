@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyadvk.attacks import PGD
-from pyadvk.metrics.evaluate import Evaluation, available_presets, evaluate, is_black_box, sweep_check
+from pyadvk.attacks.square import Square
+from pyadvk.metrics.evaluate import Evaluation, evaluate, is_black_box, sweep_check
 
 CLASSES, SHAPE, N = 4, (1, 4, 4), 48
 
@@ -301,7 +302,6 @@ def test_sweep_check_numbers():
 
 def test_presets_and_to_dict(setup):
     model, loader, eps, _, _ = setup
-    assert "pgd" in available_presets()
     ev = _run(model, loader, eps, "pgd", steps=20, n=30)
     assert ev.n == 30 and [a.name for a in ev.attacks] == ["PGD-20"]
     assert ev.sweep_attack.endswith("-20")
@@ -311,7 +311,44 @@ def test_presets_and_to_dict(setup):
     assert d["sweep"]["eps"] == ev.sweep_eps and d["trustworthy"] == ev.trustworthy
     md = ev.to_markdown()
     assert "PGD-20" in md and "Worst-case robust accuracy" in md and "Verdict" in md
-    assert is_black_box(FiniteDifference(model, eps)) and not is_black_box(_pgd(model, eps))
+    assert is_black_box(FiniteDifference(model, eps)) and is_black_box(Square(model, eps=eps))
+    assert not is_black_box(_pgd(model, eps))
+
+
+@pytest.mark.slow
+def test_autoattack_preset_on_a_linear_model(setup):
+    """AutoAttack's components as the cascade: never above the exact robust accuracy of a linear
+    model, at most one image above it, and every check quiet on this honest model."""
+    model, loader, eps, images, labels = setup
+    ev = _run(model, loader, eps, "autoattack", sweep_steps=10)
+    assert [a.name for a in ev.attacks] == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+    assert [a.black_box for a in ev.attacks] == [False, False, False, True]
+    exact = float((_exact_linf(model, images, labels) > eps).double().mean())
+    assert exact - 1e-12 <= ev.robust_accuracy <= exact + 1 / N
+    assert all(c.status == "pass" for c in ev.checks), ev.to_markdown()
+    assert ev.sweep_attack == "APGD-CE-10"
+
+
+@pytest.mark.slow
+def test_autoattack_preset_finds_masked_gradients(setup):
+    """Reversed gradients defeat APGD and FAB; Square, which reads no gradient, breaks the images."""
+    model, loader, eps, _, _ = setup
+    masked = Obfuscated(model)
+    ev = _run(masked, loader, eps, "autoattack", eps_sweep=[])
+    square = ev.attacks[-1]
+    assert square.name == "Square" and square.broken > 0
+    assert sum(a.broken for a in ev.attacks[:-1]) < square.broken
+    check = ev.check("black_box")
+    assert check.status == "warn" and check.values["images"] == square.broken
+
+
+def test_apgd_preset_drops_apgd_t_below_four_classes(setup):
+    model, _, eps, images, labels = setup
+    keep = labels < 3
+    three = Template(model.linear.weight.detach()[:3] / 8)  # the first three classes of the same model
+    loader = DataLoader(TensorDataset(images[keep], labels[keep]), batch_size=20)
+    ev = _run(three, loader, eps, "apgd", eps_sweep=[])
+    assert [a.name for a in ev.attacks] == ["APGD-CE"] and ev.num_classes == 3
 
 
 def test_bad_arguments(setup):
@@ -346,7 +383,3 @@ def test_bad_arguments(setup):
         evaluate(model, loader, eps=eps, attacks=[("bad", lambda x, y: x[:1])], eps_sweep=[], progress=False)
     with pytest.raises(ValueError, match=r"model must return logits of shape \(B, C\)"):
         evaluate(lambda x: x.sum(), loader, eps=eps, attacks=pgd, progress=False)
-    missing = [p for p in ("autoattack", "apgd") if p not in available_presets()]
-    for preset in missing:
-        with pytest.raises(ValueError, match=f"attacks='{preset}' needs"):
-            evaluate(model, loader, eps=eps, attacks=preset, progress=False)

@@ -13,11 +13,11 @@ import os
 import sys
 
 from pyadvk import distributed
-from pyadvk.cli import ara, bench, demo, explain, info, stats, train
 from pyadvk._io import CorruptFileError
+from pyadvk.cli import ara, bench, demo, eval, explain, info, stats, train
 from pyadvk.cli.common import UserError
 
-COMMANDS = (info, demo, train, ara, explain, stats, bench)
+COMMANDS = (info, demo, train, ara, eval, explain, stats, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,8 +37,6 @@ trusted as it stands.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +49,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks
-from pyadvk.attacks import PGD
+from pyadvk.attacks.apgd import APGD
+from pyadvk.attacks.autoattack import MIN_CLASSES, AutoAttack
+from pyadvk.attacks.pgd import PGD
+from pyadvk.attacks.square import Square
 from pyadvk.metrics.ara import _model_device
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,35 +60,13 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRESETS = ("autoattack", "apgd", "pgd")
 NORMS = ("linf", "l2")
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)
-# A module and its class for each component; a component exists once its module has landed.
-_COMPONENTS = {
-    "APGD": ("pyadvk.attacks.apgd", "APGD"),
-    "APGDT": ("pyadvk.attacks.apgd", "APGDT"),
-    "FAB": ("pyadvk.attacks.fab", "FAB"),
-    "Square": ("pyadvk.attacks.square", "Square"),
-}
-_PRESET_NEEDS = {"autoattack": ("APGD", "APGDT", "FAB", "Square"), "apgd": ("APGD", "APGDT"), "pgd": ()}
-
-
-def _component(name: str) -> type | None:
-    """The attack class ``name`` if its module exists in this installation, else None (an import
-    error inside an existing module is raised, not hidden)."""
-    module, attr = _COMPONENTS[name]
-    if importlib.util.find_spec(module) is None:
-        return None
-    return getattr(importlib.import_module(module), attr, None)
-
-
-def available_presets() -> tuple[str, ...]:
-    """The presets of ``attacks=`` whose attacks exist here, strongest first."""
-    return tuple(p for p in PRESETS if all(_component(c) is not None for c in _PRESET_NEEDS[p]))
+_DISPLAY = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab": "FAB", "fab-t": "FAB-T"}
 
 
 def is_black_box(attack: object) -> bool:
-    """True for an attack that never reads a gradient: :class:`pyadvk.attacks.square.Square`, or any
+    """True for an attack that never reads a gradient: :class:`pyadvk.attacks.Square`, or any
     object with a true ``black_box`` attribute."""
-    square = _component("Square")
-    return bool(getattr(attack, "black_box", False)) or (square is not None and isinstance(attack, square))
+    return isinstance(attack, Square) or bool(getattr(attack, "black_box", False))
 
 
 @dataclass
@@ -242,37 +221,23 @@ def _chunks(index: torch.Tensor, size: int):
 def _preset(
     name: str, model: nn.Module, norm: str, eps: float, num_classes: int, steps: int, seed: int, device: torch.device
 ) -> list[tuple[str, AttackFn]]:
-    missing = [c for c in _PRESET_NEEDS[name] if _component(c) is None]
-    if missing:
-        raise ValueError(
-            f"attacks={name!r} needs {', '.join(missing)} (pyadvk.attacks), which this installation lacks; "
-            f"available here: {', '.join(available_presets())}"
-        )
-    targets = max(1, min(9, num_classes - 1))
+    """The ``(name, attack)`` pairs of a preset: AutoAttack's own components with its settings for
+    "autoattack" (standard version) and "apgd" (its APGD-CE and APGD-T), PGD-``steps`` for "pgd"."""
     if name == "pgd":
         generator = torch.Generator(device=device).manual_seed(seed)
-        return [
-            (f"PGD-{steps}", PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, generator=generator))
-        ]
-    apgd, apgdt = _component("APGD"), _component("APGDT")
-    out: list[tuple[str, AttackFn]] = [
-        ("APGD-CE", apgd(model, norm=norm, eps=eps, steps=steps, loss="ce", seed=seed)),
-        ("APGD-T", apgdt(model, norm=norm, eps=eps, steps=steps, n_target_classes=targets, seed=seed)),
-    ]
-    if name == "autoattack":
-        fab, square = _component("FAB"), _component("Square")
-        fab_t = fab(model, norm=norm, eps=eps, steps=steps, targeted=True, n_target_classes=targets, seed=seed)
-        out.append(("FAB-T", fab_t))
-        out.append(("Square", square(model, norm=norm, eps=eps, n_queries=5000, seed=seed)))
-    return out
+        pgd = PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, generator=generator)
+        return [(f"PGD-{steps}", pgd)]
+    names = None
+    if name == "apgd":  # APGD-T's targeted DLR loss needs 4 classes
+        names = [a for a in ("apgd-ce", "apgd-t") if num_classes >= MIN_CLASSES.get(a, 2)]
+    aa = AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=num_classes, seed=seed, attacks=names)
+    return [(_DISPLAY.get(a, "Square"), attack) for a, attack in aa.components]
 
 
-def _sweep_attack(
-    preset: str | None, model: nn.Module, norm: str, eps: float, steps: int, seed: int, device: torch.device
-) -> tuple[str, AttackFn]:
-    apgd = _component("APGD")
-    if preset != "pgd" and apgd is not None:
-        return f"APGD-CE-{steps}", apgd(model, norm=norm, eps=eps, steps=steps, loss="ce", seed=seed)
+def _sweep_attack(preset: str | None, model: nn.Module, norm: str, eps: float, steps: int, seed: int, device):
+    """APGD-CE-``steps`` at ``eps`` (PGD-``steps`` when the evaluation itself is PGD's)."""
+    if preset != "pgd":
+        return f"APGD-CE-{steps}", APGD(model, norm=norm, eps=eps, steps=steps, loss="ce", seed=seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     return f"PGD-{steps}", PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, generator=generator)
 
@@ -337,14 +302,16 @@ def evaluate(
         model: maps images (B, ...) in [lower, upper] to logits (B, C); used in the mode the caller
             set (call ``model.eval()`` first), its parameters' ``.grad`` untouched.
         norm, eps: the threat model, ``‖x_adv − x‖ ≤ eps`` in "linf" or "l2".
-        attacks: "autoattack" (APGD-CE, APGD-T, FAB-T, Square: AutoAttack's standard version run
-            as a cascade), "apgd" (APGD-CE, APGD-T), "pgd" (PGD-``steps``, random start, step
-            ``2.5·eps/steps``), or a list of ``(name, attack)`` pairs, ``attack(images, labels) ->
-            adv_images``; a black-box one (see :func:`is_black_box`) feeds the ``black_box`` check.
+        attacks: "autoattack" (APGD-CE, APGD-T, FAB-T, Square: the components of
+            ``AutoAttack(version="standard")`` run as a cascade), "apgd" (its APGD-CE, APGD-T),
+            "pgd" (PGD-``steps``, random start, step ``2.5·eps/steps``), or a list of
+            ``(name, attack)`` pairs, ``attack(images, labels) -> adv_images``; a black-box one
+            (see :func:`is_black_box`) feeds the ``black_box`` check.
         eps_sweep: budgets of the ``eps_sweep`` check (default ``eps × [0.25, 0.5, 1, 2, 4, 16]``;
             an empty list skips it), each attacked with APGD-CE-``sweep_steps`` (PGD for
             ``attacks="pgd"`` or where APGD is missing).
-        steps: iterations of the gradient attacks of the presets.
+        steps: iterations of PGD for ``attacks="pgd"`` (the "autoattack" and "apgd" presets keep
+            AutoAttack's settings: 100 iterations, 5000 Square queries).
         grad_threshold: the ``zero_gradients`` check warns above this share of images.
         seed: seeds the presets' random starts and searches.
 
@@ -570,4 +537,4 @@ def _budget_check(results: list[AttackResult]) -> Check:
     return Check("budget", "pass", "every adversarial image lies in the eps-ball and the box", {})
 
 
-__all__ = ["AttackResult", "Check", "Evaluation", "available_presets", "evaluate", "is_black_box", "sweep_check"]
+__all__ = ["AttackResult", "Check", "Evaluation", "evaluate", "is_black_box", "sweep_check"]
