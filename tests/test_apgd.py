@@ -498,3 +498,37 @@ def test_bad_input():
         APGD(model, eps=torch.tensor([0.1, -1.0]))(images, labels)
     with pytest.raises(ValueError, match=r"eps must be a float or a floating tensor of shape \(2,\)"):
         APGD(model, eps=torch.tensor([0.1, 0.1, 0.1]))(images, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped without one).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm, eps", [("linf", 1 / 32), ("l2", 1 / 8)])
+@pytest.mark.parametrize("cls", [APGD, APGDT])
+def test_cuda_graph_replays_the_eager_iterations(cls, norm, eps):
+    model = small_cnn()
+    images, labels = (t.cuda() for t in batch(model, n=32))
+    model.cuda()
+    kw = dict(norm=norm, eps=eps, steps=25, restarts=2) | ({"n_target_classes": 3} if cls is APGDT else {})
+    eager = cls(model, **kw)(images, labels)
+    assert torch.equal(cls(model, **kw)(images, labels), eager)  # eager is deterministic: graphs can match it
+    graphed = cls(model, cuda_graph=True, **kw)(images, labels)
+    assert_in_ball_and_box(graphed.cpu(), images.cpu(), eps, norm)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_fast_modes_on_gpu():
+    model = small_cnn()
+    images, labels = (t.cuda() for t in batch(model, n=64, wrong=0))
+    model.cuda()
+    kw = dict(norm="linf", eps=1 / 64, steps=50)
+    exact = APGD(model, **kw)(images, labels)
+    fast = APGD(model, autocast=torch.bfloat16, channels_last=True, cuda_graph=True, **kw)(images, labels)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert_in_ball_and_box(fast.cpu(), images.cpu(), 1 / 64, "linf")
+    with torch.no_grad():
+        robust = [int((model(x).argmax(1) == labels).sum()) for x in (exact, fast)]
+    assert abs(robust[0] - robust[1]) <= 3, robust  # bfloat16 arithmetic: a few images may differ

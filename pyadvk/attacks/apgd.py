@@ -20,8 +20,8 @@ projection onto that set:
 
 The schedule, checkpoints and best-point bookkeeping are tensor ops on the images' device (no host
 synchronization inside a run), so one iteration can be captured as a CUDA graph
-(``cuda_graph=True``). The host synchronizes once per call for the input checks and once per
-restart (APGD) or per target class and restart (APGD-T) to pick the images still standing.
+(``cuda_graph=True``). The host synchronizes only for the input checks at the start of a call and
+once per restart (APGD) or per target class and restart (APGD-T) to pick the images still standing.
 """
 
 from __future__ import annotations
