@@ -123,21 +123,20 @@ class _Run:
     iteration reads and writes the same memory on each replay), except that ``cur``/``prev`` swap."""
 
     def __init__(self, start: torch.Tensor, eps: torch.Tensor) -> None:
-        batch = start.shape[0]
-        scalar = dict(device=start.device, dtype=torch.float32)
+        batch, device = start.shape[0], start.device
         self.cur = start
         self.prev = start.clone()  # read with weight 0 by the first step: must be finite
         self.grad = torch.zeros_like(start)
         self.x_best = start.clone()
         self.grad_best = torch.zeros_like(start)
         self.x_found = start.clone()
-        self.loss_cur = torch.full((batch,), math.inf, **scalar)
-        self.loss_best = torch.full((batch,), -math.inf, **scalar)
-        self.best_last = torch.full((batch,), -math.inf, **scalar)
-        self.count = torch.zeros(batch, **scalar)
+        self.loss_cur = torch.full((batch,), math.inf, device=device)
+        self.loss_best = torch.full((batch,), -math.inf, device=device)
+        self.best_last = torch.full((batch,), -math.inf, device=device)
+        self.count = torch.zeros(batch, device=device)
         self.eta = 2.0 * eps
-        self.reduced_last = torch.zeros(batch, device=start.device, dtype=torch.bool)
-        self.found = torch.zeros(batch, device=start.device, dtype=torch.bool)
+        self.reduced_last = torch.zeros(batch, device=device, dtype=torch.bool)
+        self.found = torch.zeros(batch, device=device, dtype=torch.bool)
 
     def swap(self) -> None:
         self.cur, self.prev = self.prev, self.cur
@@ -254,7 +253,10 @@ class APGD(Attack):
         """The target classes of each round of runs (None: untargeted)."""
         return [None]
 
-    def _objective_value(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
+    def _objective(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The objective to maximize, per image (B,): the loss, or the targeted DLR loss towards ``targets``."""
+        if targets is not None:
+            return dlr_loss_targeted(logits, labels, targets)
         return self.loss(logits, labels)
 
     # -- the attack --------------------------------------------------------------------------------
@@ -272,18 +274,23 @@ class APGD(Attack):
         with self._amp(x.device):
             return self.model(x).float()
 
+    def _pass(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
+        with torch.enable_grad():
+            logits = self._logits(x)
+            loss = self._objective(logits, labels, targets)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), logits.detach(), grad
+
     def _evaluate(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
         """Objective (B,), misclassified (B,) and input gradient at ``x``, averaged over eot_iter passes."""
         x = x.detach().requires_grad_(True)
-        loss_sum = logits_sum = grad_sum = 0
-        for _ in range(self.eot_iter):
-            with torch.enable_grad():
-                logits = self._logits(x)
-                loss = self._objective_value(logits, labels, targets)
-            (grad,) = torch.autograd.grad(loss.sum(), x)
-            loss_sum, logits_sum, grad_sum = loss_sum + loss.detach(), logits_sum + logits.detach(), grad_sum + grad
-        n = self.eot_iter
-        return loss_sum / n, logits_sum.argmax(dim=1) != labels, grad_sum / n if n > 1 else grad_sum
+        loss, logits, grad = self._pass(x, labels, targets)
+        for _ in range(self.eot_iter - 1):
+            more = self._pass(x, labels, targets)
+            loss, logits, grad = loss + more[0], logits + more[1], grad + more[2]
+        if self.eot_iter > 1:
+            loss, logits, grad = loss / self.eot_iter, logits / self.eot_iter, grad / self.eot_iter
+        return loss, logits.argmax(dim=1) != labels, grad
 
     def _iteration(self, run: _Run, x_orig, labels, targets, eps, momentum: float) -> None:
         apgd_step_(
@@ -367,7 +374,10 @@ class APGD(Attack):
         if eps_t is None:
             eps_t = torch.full((batch,), eps, device=images.device, dtype=torch.float32)
         with torch.no_grad():
-            logits = sum(self._logits(images) for _ in range(self.eot_iter)) / self.eot_iter
+            logits = self._logits(images)
+            for _ in range(self.eot_iter - 1):
+                logits += self._logits(images)
+            logits /= self.eot_iter
         self.check_logits(logits, labels)
         self._check_classes(logits.shape[1])
         todo = logits.argmax(dim=1) == labels
@@ -439,7 +449,6 @@ class APGDT(APGD):
             cuda_graph=cuda_graph,
         )
         self.loss_name = "dlr-targeted"
-        self.loss = dlr_loss_targeted
         self.n_target_classes = _checks.integer("n_target_classes", n_target_classes, low=1)
 
     def _check_classes(self, n_classes: int) -> None:
@@ -458,6 +467,3 @@ class APGDT(APGD):
         others = logits.scatter(1, labels.long()[:, None], float("-inf"))
         order = others.argsort(dim=1, descending=True)
         return [order[:, i] for i in range(self.n_target_classes)]
-
-    def _objective_value(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None):
-        return dlr_loss_targeted(logits, labels, targets)
