@@ -52,17 +52,33 @@ def _check_choice(name: str, argument: str) -> str:
     return name.lower()
 
 
-_forced: str = _check_choice(os.environ.get("PYADVK_BACKEND", "auto"), "PYADVK_BACKEND")
+def _from_environment() -> tuple[str, str]:
+    """(choice, error): a bad PYADVK_BACKEND must not break ``import pyadvk`` (nor every command
+    with a traceback); it is reported once at import and raised, with the same message, by every
+    call that would have used it, until :func:`set_backend` replaces it."""
+    try:
+        return _check_choice(os.environ.get("PYADVK_BACKEND", "auto"), "PYADVK_BACKEND"), ""
+    except ValueError as exc:
+        import warnings
+
+        warnings.warn(str(exc), stacklevel=2)
+        return "auto", str(exc)
+
+
+_forced, _env_error = _from_environment()
 
 
 def set_backend(name: str) -> None:
     """Force one backend for every op ('auto' to choose per call again)."""
-    global _forced
+    global _forced, _env_error
     _forced = _check_choice(name, "backend")
+    _env_error = ""
 
 
 def get_backend() -> str:
     """The backend forced by :func:`set_backend` or ``PYADVK_BACKEND`` ('auto' when none)."""
+    if _env_error:
+        raise ValueError(_env_error)
     return _forced
 
 
@@ -164,6 +180,8 @@ class OpBodies:
 
 def resolve(op: OpBodies, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device``: forced (argument, set_backend, env) or auto."""
+    if backend is None and _env_error:
+        raise ValueError(_env_error)
     choice = _forced if backend is None else _check_choice(backend, "backend")
     device_type = device.type
     if choice == "auto":

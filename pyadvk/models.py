@@ -202,6 +202,13 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
 
 
+def _is_legacy_torch_file(path: str) -> bool:
+    """Whether ``path`` starts as torch's pre-1.6 (non-zip) format does: the pickled magic number."""
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -235,9 +242,16 @@ def load_model(
             return torch.jit.load(path, map_location=map_location).eval()
         except RuntimeError as exc:
             raise ValueError(f"{path!r} looks like a TorchScript archive but does not load: {exc}") from exc
+    if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):
+        raise ValueError(
+            f"{path!r} is not a model file torch can read: neither the zip archive torch.save writes "
+            "nor torch's legacy format (a damaged, truncated or unrelated file)"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():  # not pickled code: not a torch file
+            raise ValueError(f"{path!r} is not a model file torch can read ({exc})") from exc
         if not trust_code:
             raise ValueError(
                 f"{path!r} is not a TorchScript archive, a pyadvk model file or a state dict: it holds "
@@ -245,12 +259,18 @@ def load_model(
                 "pass --trust-code (trust_code=True; formerly --trust-pickle) only if you trust its source."
             ) from exc
         obj = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path!r} is not a model file torch can read: {exc}") from exc
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        # not a zip archive and not torch's legacy format either (a text file, random bytes, ...)
+        raise ValueError(f"{path!r} is not a model file torch can read ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        arch = arch or obj["arch"]
+        arch = arch or obj.get("arch")
+        if not isinstance(arch, str):
+            raise ValueError(
+                f"{path!r} is a pyadvk model file without an architecture name: name it with --arch "
+                f"({', '.join(ARCHITECTURES)})"
+            )
         arch_kwargs = {**obj.get("arch_kwargs", {}), **arch_kwargs}
         obj = obj["state_dict"]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):

@@ -256,3 +256,37 @@ def test_ctrl_c_between_layers_never_saves_an_inconsistent_state(tmp_path):
     for layer in ("1", "4"):
         for key in ("count", "hist", "topk_values", "topk_sample"):
             assert torch.equal(a[layer][key], b[layer][key]), (layer, key)
+
+
+def test_files_that_are_not_models_get_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 12)
+    torch.save({"format": models.FORMAT, "state_dict": {"w": torch.ones(1)}}, tmp_path / "noarch.pt")
+    for name in ("notes.txt", "random.bin"):
+        with pytest.raises(ValueError, match="is not a model file torch can read") as exc:
+            models.load_model(tmp_path / name)
+        assert "pickled code" not in str(exc.value)
+    with pytest.raises(ValueError, match="pyadvk model file without an architecture name: name it with --arch"):
+        models.load_model(tmp_path / "noarch.pt")
+
+
+def test_a_bad_backend_in_the_environment_is_a_clear_error_not_an_import_failure():
+    env = {**os.environ, "PYADVK_BACKEND": "bogus"}
+    code = "import pyadvk; print('imported')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr
+    assert "PYADVK_BACKEND must be one of auto, cuda, triton, cpp, torch; got 'bogus'" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "pyadvk", "info"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("pyadvk info: error: PYADVK_BACKEND must be one of") and "Traceback" not in out.stderr
+    code = (
+        "import torch, pyadvk\n"
+        "x = torch.rand(2, 3)\n"
+        "try:\n    pyadvk.ops.pgd_step(x, x, x, eps=0.1, alpha=0.1)\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+        "pyadvk.set_backend('torch')\npyadvk.ops.pgd_step(x, x, x, eps=0.1, alpha=0.1)\nprint('ok')"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    assert "refused: PYADVK_BACKEND must be one of" in out.stdout and out.stdout.strip().endswith("ok"), out
