@@ -1,0 +1,320 @@
+// CUDA bodies of the fused APGD step (formulas: csrc/apgd.h and pyadvk/ops/apgd.py).
+//
+// Each block owns one tile of kTile values that never crosses a sample boundary, so per-sample
+// eta/eps are read once per block. linf is one kernel (4 reads + 1 write per value). l2 is three:
+// per-tile partial sums (|g|^2, |x - x_orig|^2, <x - x_orig, g>) in double; then per tile
+// |w - x_orig|^2 of the momentum point w, each block first combining its sample's pass-1 partials
+// into 1/|g| and z's projection factor; then the write, each block combining both. Blocks combine
+// partials in one fixed order, so the factors are the same in every block and every run (no
+// atomics). Loads and stores are 16-byte vectors when every pointer is aligned and D is a multiple
+// of the width. min/max/clamp propagate NaN as torch.minimum/maximum/clamp do (fminf/fmaxf don't).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../apgd.h"
+
+namespace pyadvk {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTile = 8192;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pk.v[k]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) { return min_nan(max_nan(v, lo), hi); }
+
+struct TileInfo {
+  int64_t b, base, n;
+};
+
+__device__ __forceinline__ TileInfo tile_info(int64_t D, int64_t per_sample) {
+  const int64_t tile = blockIdx.x;
+  const int64_t b = tile / per_sample;
+  const int64_t offset = (tile - b * per_sample) * kTile;
+  return {b, b * D + offset, D - offset < kTile ? D - offset : kTile};
+}
+
+struct Params {
+  const float* eta_t;
+  float eta;
+  const float* eps_t;
+  double eps;
+  float momentum, rest, lo, hi;
+};
+
+__device__ __forceinline__ float eta_of(const Params& p, int64_t b) { return p.eta_t ? p.eta_t[b] : p.eta; }
+__device__ __forceinline__ double eps_of(const Params& p, int64_t b) {
+  return p.eps_t ? static_cast<double>(p.eps_t[b]) : p.eps;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    linf_kernel(const T* x, const T* xp, const T* xo, const T* g, T* out, int64_t D, int64_t per_sample, Params p) {
+  const TileInfo t = tile_info(D, per_sample);
+  const float h = eta_of(p, t.b), e = static_cast<float>(eps_of(p, t.b));
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vx[VEC], vp[VEC], vo[VEC], vg[VEC], y[VEC];
+    load_pack<VEC>(x + t.base + i, vx);
+    load_pack<VEC>(xp + t.base + i, vp);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float sign = vg[k] > 0.f ? 1.f : (vg[k] < 0.f ? -1.f : 0.f);  // NaN: 0
+      const float below = vo[k] - e, above = vo[k] + e;
+      const float z = clamp_nan(min_nan(max_nan(vx[k] + h * sign, below), above), p.lo, p.hi);
+      const float w = (vx[k] + p.momentum * (z - vx[k])) + p.rest * (vx[k] - vp[k]);
+      y[k] = clamp_nan(min_nan(max_nan(w, below), above), p.lo, p.hi);
+    }
+    store_pack<VEC>(out + t.base + i, y);
+  }
+}
+
+// Sums N doubles over the block; every thread gets the totals.
+template <int N>
+__device__ __forceinline__ void block_sum(double (&v)[N]) {
+  __shared__ double shared[N][kThreads / 32];
+#pragma unroll
+  for (int k = 0; k < N; ++k)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < N; ++k) shared[k][warp] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    v[k] = 0.0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) v[k] += shared[k][w];
+  }
+  __syncthreads();  // shared may be reused by a later call
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    l2_first_kernel(const T* x, const T* xo, const T* g, double* partial, int64_t D, int64_t per_sample) {
+  const TileInfo t = tile_info(D, per_sample);
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vx[VEC], vo[VEC], vg[VEC];
+    load_pack<VEC>(x + t.base + i, vx);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
+      const double d = static_cast<double>(vx[k]) - static_cast<double>(vo[k]);
+      s[0] += gk * gk;
+      s[1] += d * d;
+      s[2] += d * gk;
+    }
+  }
+  block_sum<3>(s);
+  if (threadIdx.x == 0) {
+    double* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
+    dst[0] = s[0];
+    dst[1] = s[1];
+    dst[2] = s[2];
+  }
+}
+
+// 1/|g| and z's projection factor of this block's sample from the pass-1 partials (see apgd.h).
+struct First {
+  double inv_gn;
+  float f1;
+};
+
+__device__ __forceinline__ First first_scalars(const double* partial, int64_t b, int64_t per_sample, double eps,
+                                               float eta) {
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
+    const double* src = partial + 3 * (b * per_sample + c);
+    s[0] += src[0];
+    s[1] += src[1];
+    s[2] += src[2];
+  }
+  block_sum<3>(s);
+  const double gn = sqrt(s[0]);
+  const double inv_gn = gn > 0.0 ? 1.0 / gn : 0.0;
+  const double c = static_cast<double>(eta) * inv_gn;
+  const double dd = s[1] + 2.0 * c * s[2] + c * c * s[0];
+  const double dn = sqrt(dd > 0.0 ? dd : 0.0);
+  return {inv_gn, (dn > eps && !isinf(gn)) ? static_cast<float>(eps / dn) : 1.f};
+}
+
+__device__ __forceinline__ float momentum_point(float x, float xp, float o, float g, const First& f, float h,
+                                                const Params& p) {
+  const float gk = isnan(g) ? 0.f : g;
+  const float q = static_cast<float>(static_cast<double>(gk) * f.inv_gn);
+  const float d1 = (x + h * q) - o;
+  const float z = clamp_nan(o + d1 * f.f1, p.lo, p.hi);
+  return (x + p.momentum * (z - x)) + p.rest * (x - xp);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    l2_second_kernel(const T* x, const T* xp, const T* xo, const T* g, const double* partial, double* partial2,
+                     int64_t D, int64_t per_sample, Params p) {
+  const TileInfo t = tile_info(D, per_sample);
+  const float h = eta_of(p, t.b);
+  const First f = first_scalars(partial, t.b, per_sample, eps_of(p, t.b), h);
+  double s[1] = {0.0};
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vx[VEC], vp[VEC], vo[VEC], vg[VEC];
+    load_pack<VEC>(x + t.base + i, vx);
+    load_pack<VEC>(xp + t.base + i, vp);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const double d2 = momentum_point(vx[k], vp[k], vo[k], vg[k], f, h, p) - vo[k];
+      s[0] += d2 * d2;
+    }
+  }
+  block_sum<1>(s);
+  if (threadIdx.x == 0) partial2[blockIdx.x] = s[0];
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    l2_write_kernel(const T* x, const T* xp, const T* xo, const T* g, T* out, const double* partial,
+                    const double* partial2, int64_t D, int64_t per_sample, Params p) {
+  const TileInfo t = tile_info(D, per_sample);
+  const float h = eta_of(p, t.b);
+  const double eps = eps_of(p, t.b);
+  const First f = first_scalars(partial, t.b, per_sample, eps, h);
+  double s[1] = {0.0};
+  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) s[0] += partial2[t.b * per_sample + c];
+  block_sum<1>(s);
+  const double dn = sqrt(s[0]);
+  const float f2 = dn > eps ? static_cast<float>(eps / dn) : 1.f;  // NaN: 1
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vx[VEC], vp[VEC], vo[VEC], vg[VEC], y[VEC];
+    load_pack<VEC>(x + t.base + i, vx);
+    load_pack<VEC>(xp + t.base + i, vp);
+    load_pack<VEC>(xo + t.base + i, vo);
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d2 = momentum_point(vx[k], vp[k], vo[k], vg[k], f, h, p) - vo[k];
+      y[k] = clamp_nan(vo[k] + d2 * f2, p.lo, p.hi);
+    }
+    store_pack<VEC>(out + t.base + i, y);  // in place: out is x_prev, read above for these values only
+  }
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+// Calls f(std::integral_constant<int, VEC>) with the widest vector that every pointer allows.
+template <typename T, typename F>
+void with_vector_width(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
+  constexpr int W = 16 / sizeof(T);
+  bool ok = D % W == 0;
+  for (const void* p : ptrs) ok = ok && aligned(p, 16);
+  if (ok) {
+    f(std::integral_constant<int, W>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& x_orig,
+              const at::Tensor& grad, double eta, const std::optional<at::Tensor>& eta_t, double eps,
+              const std::optional<at::Tensor>& eps_t, double momentum, double lower, double upper, at::Tensor& out) {
+  check_apgd_step(op, at::kCUDA, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), D = x.numel() / B;
+  const int64_t per_sample = (D + kTile - 1) / kTile;
+  TORCH_CHECK(B * per_sample <= INT32_MAX, op, ": tensor too large for one launch (", x.numel(), " values)");
+  const dim3 grid(static_cast<unsigned>(B * per_sample));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Params p{optional_data(eta_t),      static_cast<float>(eta),          optional_data(eps_t),
+                 eps,                       static_cast<float>(momentum),     static_cast<float>(1.0 - momentum),
+                 static_cast<float>(lower), static_cast<float>(upper)};
+  at::Tensor partial, partial2;
+  if (norm == Norm::L2) {
+    partial = at::empty({3 * B * per_sample}, x.options().dtype(at::kDouble));
+    partial2 = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
+  }
+  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T *px = x.data_ptr<T>(), *pp = x_prev.data_ptr<T>(), *po = x_orig.data_ptr<T>(), *pg = grad.data_ptr<T>();
+    T* py = out.data_ptr<T>();
+    with_vector_width<T>(D, {px, pp, po, pg, py}, [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      if (norm == Norm::Linf) {
+        linf_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, py, D, per_sample, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      double* part = partial.data_ptr<double>();
+      double* part2 = partial2.data_ptr<double>();
+      l2_first_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, po, pg, part, D, per_sample);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      l2_second_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, part, part2, D, per_sample, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      l2_write_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, py, part, part2, D, per_sample, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+constexpr const char* op_name(Norm norm, bool inplace) {
+  return norm == Norm::Linf ? (inplace ? "apgd_step_linf_" : "apgd_step_linf")
+                            : (inplace ? "apgd_step_l2_" : "apgd_step_l2");
+}
+
+template <Norm N>
+at::Tensor step(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& x_orig, const at::Tensor& grad,
+                double eta, const std::optional<at::Tensor>& eta_t, double eps,
+                const std::optional<at::Tensor>& eps_t, double momentum, double lower, double upper) {
+  auto out = at::empty_like(x);
+  run_step(N, op_name(N, false), x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, out);
+  return out;
+}
+
+template <Norm N>
+void step_(const at::Tensor& x, at::Tensor& x_prev, const at::Tensor& x_orig, const at::Tensor& grad, double eta,
+           const std::optional<at::Tensor>& eta_t, double eps, const std::optional<at::Tensor>& eps_t,
+           double momentum, double lower, double upper) {
+  run_step(N, op_name(N, true), x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, x_prev);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyadvk, CUDA, m) {
+  m.impl("apgd_step_linf", &step<Norm::Linf>);
+  m.impl("apgd_step_linf_", &step_<Norm::Linf>);
+  m.impl("apgd_step_l2", &step<Norm::L2>);
+  m.impl("apgd_step_l2_", &step_<Norm::L2>);
+}
+
+}  // namespace pyadvk
