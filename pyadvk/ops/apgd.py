@@ -67,9 +67,7 @@ def _fake_l2_(x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, 
 
 
 APGD_STEP = _backend.OpBodies(
-    "apgd_step",
-    native_ops=("apgd_step_linf", "apgd_step_l2", "apgd_step_linf_", "apgd_step_l2_"),
-    has_triton=False,
+    "apgd_step", native_ops=("apgd_step_linf", "apgd_step_l2", "apgd_step_linf_", "apgd_step_l2_")
 )
 
 
