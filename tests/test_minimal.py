@@ -247,7 +247,7 @@ def test_fab_on_a_relu_net_matches_exhaustive_search(norm, targeted):
     net, x, labels = relu_problem()
     assert len(labels.unique()) >= 3
     tol = math.sqrt(2) * 1e-3 if norm == "l2" else 1e-3
-    fab = FAB(net, norm=norm, targeted=targeted, steps=20, restarts=2 if targeted else 5, lower=LOWER, upper=UPPER)
+    fab = FAB(net, norm=norm, targeted=targeted, steps=20, restarts=3 if targeted else 5, lower=LOWER, upper=UPPER)
     result = fab.minimal(x, labels)
     check_result(net, x, labels, result, norm, LOWER, UPPER)
     assert result.broken.all()
