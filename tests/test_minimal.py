@@ -129,6 +129,54 @@ def test_logit_jacobian_matches_jacrev():
     torch.testing.assert_close(picked, expected[torch.arange(3)[:, None], classes])
 
 
+def test_logit_jacobian_falls_back_to_one_backward_per_class(monkeypatch):
+    """Where the batched backward raises (an op without a batching rule), C plain backward passes
+    give the same Jacobian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
+    x = torch.rand(3, 1, 3, 4)
+    _, expected = logit_jacobian(model, x)
+    grad = torch.autograd.grad
+    calls = []
+
+    def no_batching(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    _, jac = logit_jacobian(model, x)
+    assert calls == [True] + [False] * 5
+    torch.testing.assert_close(jac, expected)
+
+
+def test_deepfool_with_n_classes_considers_only_the_top_classes():
+    """A 3-class linear model where the runner-up class (logit ≈ 0.9) has a far boundary (≈ 0.7)
+    and the last class (logit ≈ 0.5) a near one (≈ 0.25), the two normals orthogonal (moving toward
+    one leaves the other's margin unchanged): with n_classes=2 DeepFool crosses the runner-up's
+    boundary, at (z_y − z_t) / ‖w_y − w_t‖₂; with all classes, the nearest one."""
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, -0.1, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+        model.bias.copy_(torch.tensor([1.0, 0.9, -1.5]))
+    torch.manual_seed(0)
+    x = 0.45 + 0.1 * torch.rand(6, 4)
+    with torch.no_grad():
+        logits = model(x)
+    labels = torch.zeros(6, dtype=torch.int64)
+    assert (logits.argmax(1) == 0).all() and (logits[:, 1] > logits[:, 2]).all()
+    weight = model.weight.detach()
+    margins = logits[:, :1] - logits  # (B, 3)
+    dist = margins / (weight[0] - weight).norm(dim=1)  # class 0 column: 0/0
+    for n_classes, expected in ((2, dist[:, 1]), (None, dist[:, 1:].min(1).values)):
+        result = DeepFool(model, norm="l2", n_classes=n_classes, lower=-10, upper=10).minimal(x, labels)
+        assert result.broken.all()
+        ratio = result.distances / expected
+        assert ratio.max() <= 1.002 and ratio.min() >= 1 - 1e-4, (n_classes, ratio)
+    assert (dist[:, 1] > 1.5 * dist[:, 2]).all()  # the two settings really differ
+
+
 # --- exact on a linear multi-class model ----------------------------------------------------------
 
 

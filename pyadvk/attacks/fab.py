@@ -131,6 +131,7 @@ class FAB(MinimalAttack):
         if batch == 0:
             return self.result(x0, best, found)
         generator = torch.Generator(device=x0.device).manual_seed(self.seed)
+        runs: list[tuple[torch.Tensor | None, int]]
         if self.targeted:
             count = min(self.n_target_classes, logits.shape[1] - 1)
             others = logits.float().scatter(1, labels[:, None], -torch.inf)

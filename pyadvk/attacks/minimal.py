@@ -206,7 +206,7 @@ class MinimalAttack(Attack):
         if eps is not None:
             eps = _checks.real("eps", eps, low=0.0)
         super().__init__(model, eps=0.0 if eps is None else eps, norm=norm, lower=lower, upper=upper)
-        self.eps = eps
+        self.eps = eps  # type: ignore[assignment]  # None: no radius (only .minimal may be called)
 
     def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         raise NotImplementedError
