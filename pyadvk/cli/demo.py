@@ -3,11 +3,14 @@ download, scikit-learn's handwritten digits (16×16).
 
 Trains a small CNN three ways — standard, PGD adversarial training, and the robust additions of
 Woods et al. 2019 (half-Huber ReLU, input-gradient penalty with adaptive ψ, half-half adversarial
-batches) — then measures each: clean accuracy, PGD robust accuracy, attack-ARA and BTR-ARA (the
-minimal-perturbation attack), a certified Lipschitz bound, training time. Prints one table and
-writes into the output folder: ``ara.png`` (the Acc(ε) curves of all three), an explanation grid
-per model, ``fused_step.json`` (the fused PGD step on every backend here) and ``results.json``
-with every figure.
+batches) — then measures each: clean accuracy, PGD robust accuracy, robust accuracy under
+AutoAttack with the checks of :func:`pyadvk.metrics.evaluate.evaluate` (whatever they find),
+attack-ARA and BTR-ARA (per image the best of L2Min at its full 450 steps and FAB), the mean
+probability the targeted explanation walks reach at ρ (paper 1's claim that attacks become
+explanations on robust networks, measured), a certified Lipschitz bound, training time. Prints one
+table and writes into the output folder: ``ara.png`` (the Acc(ε) curves of all three), an
+explanation grid per model, ``fused_step.json`` (the fused PGD step on every backend here) and
+``results.json`` with every figure (and each model's full evaluation).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pyadvk import _backend, data, explain, metrics, models, train
 from pyadvk._io import save_json
 from pyadvk.attacks import PGD
 from pyadvk.lipschitz import AdaptivePsi, lipschitz_bound
+from pyadvk.metrics.evaluate import evaluate
 from pyadvk.ops import pgd as pgd_ops
 
 
@@ -96,6 +100,8 @@ def run(args) -> int:
     eval_loader = DataLoader(
         torch.utils.data.Subset(test_set, range(min(args.ara_images, len(test_set)))), batch_size=500
     )
+    aa_set = torch.utils.data.Subset(test_set, range(min(args.eval_images or len(test_set), len(test_set))))
+    reach_images, reach_labels = next(iter(DataLoader(test_set, batch_size=args.reach_images)))
     print(f"data: scikit-learn digits, {len(train_set)} train / {len(test_set)} test images, 1×16×16")
     results, ara_curves = {}, []
     for name, (activation, make_loss) in configurations(args).items():
@@ -113,33 +119,54 @@ def run(args) -> int:
         clean = metrics.robust_accuracy(model, test_loader, None)
         attack = PGD(model, eps=args.eps, alpha=2.5 * args.eps / args.eval_steps, steps=args.eval_steps)
         robust = metrics.robust_accuracy(model, test_loader, attack)
+        start = time.perf_counter()
+        ev = evaluate(model, DataLoader(aa_set, batch_size=500), norm="linf", eps=args.eps, attacks="autoattack")
+        eval_seconds = time.perf_counter() - start
         aras = {}
         for criterion in ("misclassify", "btr"):
-            r = metrics.ara(model, eval_loader, criterion=criterion, n=None, steps=args.ara_steps, label=name)
+            r = metrics.ara(
+                model, eval_loader, criterion=criterion, n=None, steps=args.ara_steps, attack="best", label=name
+            )
             aras[criterion] = r
         ara_curves.append(aras["misclassify"])
         bound = float(lipschitz_bound(model, (1, 16, 16)))
+        walks = explain.adversarial_explanation(
+            model, reach_images.to(device), labels=reach_labels.to(device), rho=args.rho
+        )
+        reached = walks.mean_target_probability(reach_labels.to(device))
         results[name] = {
             "clean_accuracy": clean,
             "pgd_accuracy": robust,
+            "autoattack_accuracy": ev.robust_accuracy,
+            "autoattack_clean_accuracy": ev.clean_accuracy,
+            "autoattack_seconds": eval_seconds,
+            "evaluation_warnings": [c.name for c in ev.warnings],
+            "evaluation": ev.to_dict(),
             "attack_ara": aras["misclassify"].ara,
             "btr_ara": aras["btr"].ara,
             "ara_unbroken": aras["misclassify"].unbroken + aras["btr"].unbroken,
+            "ara_fab_wins": sum(w == "fab" for r in aras.values() for w in (r.winner or [])),
+            "mean_reached_p_target": reached,
             "lipschitz_bound": bound,
             "train_seconds": seconds,
             "activation": activation,
         }
-        images, labels = next(iter(DataLoader(test_set, batch_size=args.explain_images)))
-        e = explain.adversarial_explanation(model, images.to(device), labels=labels.to(device))
+        n_grid = min(args.explain_images, len(reach_images))
+        e = explain.adversarial_explanation(
+            model, reach_images[:n_grid].to(device), labels=reach_labels[:n_grid].to(device), rho=args.rho
+        )
         explain.save_explanation_grid(
             os.path.join(args.out, f"explanations_{name}.png"),
             e,
             data.DIGITS_CLASSES,
-            title=f"{name}: adversarial explanations (rho=0.1)",
+            title=f"{name}: adversarial explanations (rho={args.rho:g}); mean reached p(target) over "
+            f"{len(reach_images)} images: {reached:.2f}",
         )
+        warned = ", ".join(c.name for c in ev.warnings) or "none"
         print(
-            f"[{name}] clean {clean:.3f}, PGD {robust:.3f}, attack-ARA {aras['misclassify'].ara:.4f}, "
-            f"BTR-ARA {aras['btr'].ara:.4f}, {seconds:.0f} s"
+            f"[{name}] clean {clean:.3f}, PGD {robust:.3f}, AutoAttack {ev.robust_accuracy:.3f} "
+            f"(warnings: {warned}), attack-ARA {aras['misclassify'].ara:.4f}, BTR-ARA {aras['btr'].ara:.4f}, "
+            f"mean reached p(target) {reached:.3f}, {seconds:.0f} s"
         )
     metrics.plot_ara(
         ara_curves, os.path.join(args.out, "ara.png"), title="digits: accuracy under minimal L2 perturbations"
@@ -152,17 +179,22 @@ def run(args) -> int:
         os.path.join(args.out, "results.json"),
     )
     header = (
-        f"{'model':<9} {'clean':>6} {'PGD':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'Lipschitz≤':>11} "
-        f"{'train s':>8} {'backend':>8}"
+        f"{'model':<9} {'clean':>6} {'PGD':>6} {'AA':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'p(t)':>5} "
+        f"{'Lipschitz≤':>11} {'train s':>8}  checks"
     )
     print(
-        f"\nPGD: L∞ eps={args.eps}, {args.eval_steps} steps; ARA over {min(args.ara_images, len(test_set))} "
-        f"test images, {args.ara_steps} attack steps\n{header}\n{'-' * len(header)}"
+        f"\nPGD-{args.eval_steps} on all {len(test_set)} test images and AutoAttack (standard: APGD-CE, APGD-T, "
+        f"FAB-T, Square) on the first {len(aa_set)}, L∞ eps={args.eps}; ARA over the first "
+        f"{min(args.ara_images, len(test_set))} test images, best of L2Min ({args.ara_steps} steps) and FAB per "
+        f"image; p(t): mean reached p(target) of the targeted walks at rho={args.rho:g} on the first "
+        f"{len(reach_images)} images; fused step backend '{step_backend}'\n{header}\n{'-' * len(header)}"
     )
     for name, r in results.items():
         print(
-            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['attack_ara']:>11.4f} "
-            f"{r['btr_ara']:>8.4f} {r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f} {step_backend:>8}"
+            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['autoattack_accuracy']:>6.3f} "
+            f"{r['attack_ara']:>11.4f} {r['btr_ara']:>8.4f} {r['mean_reached_p_target']:>5.2f} "
+            f"{r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f}  "
+            f"{'warn: ' + ', '.join(r['evaluation_warnings']) if r['evaluation_warnings'] else 'pass'}"
         )
     print("\nfused PGD step, 128×3×32×32 float32, in place:")
     for row in steps:
@@ -198,7 +230,17 @@ def add_parser(sub) -> None:
         "input values)",
     )
     p.add_argument("--ara-images", type=int, default=200, help="test images for ARA")
-    p.add_argument("--ara-steps", type=int, default=200, help="steps of the minimal-perturbation attack")
-    p.add_argument("--explain-images", type=int, default=3)
+    p.add_argument("--ara-steps", type=int, default=450, help="steps of the minimal-perturbation attack (default 450)")
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="test images for AutoAttack and its checks (default: all, as PGD)",
+    )
+    p.add_argument("--rho", type=float, default=0.1, help="RMS radius of the explanation walks (default 0.1)")
+    p.add_argument(
+        "--reach-images", type=int, default=100, help="test images whose walks give the mean reached p(target)"
+    )
+    p.add_argument("--explain-images", type=int, default=3, help="images in each explanation grid")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)

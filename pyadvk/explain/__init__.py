@@ -40,6 +40,19 @@ class Explanation:
     def delta(self) -> torch.Tensor:
         return self.adversarial - self.images[:, None]
 
+    def mean_target_probability(self, labels: torch.Tensor | None = None) -> float:
+        """How far the targeted walks got: the mean of ``p(t | x + δ)`` over every (image, target)
+        pair whose target is not the image's class (``labels``, default the model's prediction on
+        the image). 1 means every walk reached its class with certainty within ``rho``; on a
+        network whose walks are faithful explanations it is high, on a weak one near ``1/C``."""
+        own = self.probabilities.argmax(dim=1) if labels is None else labels.to(self.targets.device, torch.long)
+        if own.shape != self.targets.shape[:1]:
+            raise ValueError(f"labels must have shape ({self.targets.shape[0]},), got {tuple(own.shape)}")
+        walks = self.targets != own[:, None]
+        if not bool(walks.any()):
+            raise ValueError("no targeted walk: every target is the image's own class")
+        return float(self.target_probabilities[walks].double().mean())
+
 
 def _default_targets(probs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Every class, ordered: the true class (or the prediction), the runner-up, then the rest by
@@ -136,12 +149,16 @@ def save_explanation_grid(
     max_targets: int | None = None,
     title: str | None = None,
 ) -> None:
-    """A PNG: per image, one row with the image and ``x + δ`` for each target (labelled with the
-    class and its probability), and one row with ``|δ|`` as a heat map under each."""
+    """A PNG: per image, one row with the image and ``x + δ`` for each target (titled with the
+    class and the reached probability ``p(t | x + δ)``), and one row with ``|δ|`` (summed over
+    channels) as a heat map under each; every heat map shares one colour scale, shown by one colour
+    bar, so the sizes of the perturbations compare across panels and images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     from pyadvk._io import save_figure
 
@@ -149,7 +166,9 @@ def save_explanation_grid(
     t = e.targets.shape[1] if max_targets is None else min(max_targets, e.targets.shape[1])
     names = list(class_names) if class_names is not None else [str(i) for i in range(e.probabilities.shape[1])]
     rows, cols = 2 * e.images.shape[0], t + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.6 * cols + 1.0, 1.75 * rows + 0.4), squeeze=False, layout="constrained"
+    )
 
     def show(ax, img):
         img = img.detach().float().cpu()
@@ -158,26 +177,30 @@ def save_explanation_grid(
         else:
             ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
 
-    heat_max = float(e.delta[:, :t].abs().sum(dim=2).amax()) or 1.0
+    heat_norm = Normalize(0.0, float(e.delta[:, :t].abs().sum(dim=2).amax()) or 1.0)
     for i in range(e.images.shape[0]):
         pred = int(e.probabilities[i].argmax())
         show(axes[2 * i, 0], e.images[i])
-        axes[2 * i, 0].set_title(f"{names[pred]} {e.probabilities[i, pred]:.2f}", fontsize=8)
+        axes[2 * i, 0].set_title(f"{names[pred]} p={e.probabilities[i, pred]:.2f}", fontsize=8)
         axes[2 * i + 1, 0].text(0.5, 0.5, "|δ|", ha="center", va="center", fontsize=10)
         for j in range(t):
             cls = int(e.targets[i, j])
             show(axes[2 * i, j + 1], e.adversarial[i, j])
-            axes[2 * i, j + 1].set_title(f"→{names[cls]} {e.target_probabilities[i, j]:.2f}", fontsize=8)
+            axes[2 * i, j + 1].set_title(f"→{names[cls]} p={e.target_probabilities[i, j]:.2f}", fontsize=8)
             heat = e.delta[i, j].abs().sum(dim=0).cpu().numpy()
-            axes[2 * i + 1, j + 1].imshow(heat, cmap="inferno", vmin=0, vmax=heat_max)
+            axes[2 * i + 1, j + 1].imshow(heat, cmap="inferno", norm=heat_norm)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
+    bar = fig.colorbar(
+        ScalarMappable(norm=heat_norm, cmap="inferno"), ax=axes[1::2, 1:].ravel().tolist() or axes, shrink=0.9
+    )
+    bar.set_label("|δ| (sum over channels)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
 
