@@ -460,6 +460,9 @@ def test_bad_images_and_labels(cls):
         attack.minimal(x, y[:1])
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\), got values in \[0, 5\]"):
         attack.minimal(x, torch.tensor([0, 5]))
+    one_class = cls(nn.Sequential(nn.Flatten(), nn.Linear(4, 1)), norm="l2", steps=2)
+    with pytest.raises(ValueError, match=r"at least 2 classes, got shape \(2, 1\)"):
+        one_class.minimal(x, y)
     bad_model = cls(nn.Flatten(0), norm="l2", steps=2)
     with pytest.raises(ValueError, match=r"model must return logits of shape \(2, C\), got \(8,\)"):
         bad_model.minimal(x, y)

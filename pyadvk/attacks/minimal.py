@@ -230,6 +230,8 @@ class MinimalAttack(Attack):
         with torch.no_grad():
             logits = self.model(x0)
         self.check_logits(logits, labels)
+        if logits.shape[1] < 2:
+            raise ValueError(f"model must return logits of at least 2 classes, got shape {tuple(logits.shape)}")
         return x0, labels, logits
 
     def result(self, x0: torch.Tensor, best: torch.Tensor, found: torch.Tensor) -> MinimalResult:
