@@ -5,7 +5,7 @@ Each program owns one tile of BLOCK values inside one sample, so per-sample eta/
 per program. linf is one kernel. l2 is three: per-tile partial sums of |g|^2, |x - x_orig|^2 and
 <x - x_orig, g> in float64 (float32 squares under/overflow for gradients beyond 1e+-19); then per
 tile |w - x_orig|^2 of the momentum point w, each program first combining its sample's pass-1
-partials into 1/|g| and z's projection factor (|x + c g - x_orig|^2 = pp + 2 c pg + c^2 gg with
+partials into |g| and z's projection factor (|x + c g - x_orig|^2 = pp + 2 c pg + c^2 gg with
 c = eta/|g|); then the write. min/max/clamp propagate NaN as torch's do. Registered with
 torch.library.triton_op, so torch.compile sees through them.
 """
@@ -113,7 +113,8 @@ def _l2_first_kernel(x_ptr, xo_ptr, g_ptr, partial_ptr, D, per_sample, BLOCK: tl
 
 @triton.jit
 def _first_scalars(partial_ptr, b, per_sample, eps, eta, PARTIAL_BLOCK: tl.constexpr):
-    """1/|g| (float64) and z's projection factor (float32) of sample b from the pass-1 partials."""
+    """|g| as float32 (1 when |g| = 0) and z's projection factor (float32) of sample b from the
+    pass-1 partials."""
     gg = tl.zeros([PARTIAL_BLOCK], tl.float64)
     pp = tl.zeros([PARTIAL_BLOCK], tl.float64)
     pg = tl.zeros([PARTIAL_BLOCK], tl.float64)
@@ -126,19 +127,18 @@ def _first_scalars(partial_ptr, b, per_sample, eps, eta, PARTIAL_BLOCK: tl.const
         pg += tl.load(src + 2, mask=cm, other=0.0)
     gg_s = tl.sum(gg, axis=0)
     gn = tl.sqrt(gg_s)
-    inv_gn = tl.where(gn > 0, 1.0 / tl.where(gn > 0, gn, 1.0), 0.0)
-    c = eta.to(tl.float64) * inv_gn
+    c = tl.where(gn > 0, eta.to(tl.float64) / tl.where(gn > 0, gn, 1.0), 0.0)
     dd = tl.sum(pp, axis=0) + 2.0 * c * tl.sum(pg, axis=0) + c * c * gg_s
     dn = tl.sqrt(tl.where(dd > 0, dd, 0.0))
     finite = (gn - gn) == 0.0  # an infinite |g| leaves z unprojected, as the reference's NaN norm does
     f1 = tl.where((dn > eps) & finite, eps / tl.where(dn > 0, dn, 1.0), 1.0).to(tl.float32)
-    return inv_gn, f1
+    return tl.where(gn > 0, gn, 1.0).to(tl.float32), f1
 
 
 @triton.jit
-def _momentum_point(x, xp, xo, g, inv_gn, f1, h, m, r, lo, hi):
+def _momentum_point(x, xp, xo, g, gn, f1, h, m, r, lo, hi):
     g = tl.where(g != g, 0.0, g)
-    q = (g.to(tl.float64) * inv_gn).to(tl.float32)
+    q = g / gn
     d1 = (x + h * q) - xo
     z = _clamp_nan(xo + d1 * f1, lo, hi)
     return (x + m * (z - x)) + r * (x - xp)
@@ -170,12 +170,12 @@ def _l2_second_kernel(
     b, offs, mask = _tile(D, per_sample, BLOCK)
     h = _per_sample(eta_ptr, b, eta, HAS_ETA_T, tl.float32)
     e = _per_sample(eps_ptr, b, eps, HAS_EPS_T, tl.float64)
-    inv_gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
+    gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
     m, r = tl.cast(momentum, tl.float32), tl.cast(rest, tl.float32)
     lo, hi = tl.cast(lower, tl.float32), tl.cast(upper, tl.float32)
     xo = _load(xo_ptr, offs, mask)
     w = _momentum_point(
-        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), inv_gn, f1, h, m, r, lo, hi
+        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gn, f1, h, m, r, lo, hi
     )
     d2 = tl.where(mask, w - xo, 0.0).to(tl.float64)
     tl.store(partial2_ptr + tl.program_id(0).to(tl.int64), tl.sum(d2 * d2, axis=0))
@@ -208,7 +208,7 @@ def _l2_write_kernel(
     b, offs, mask = _tile(D, per_sample, BLOCK)
     h = _per_sample(eta_ptr, b, eta, HAS_ETA_T, tl.float32)
     e = _per_sample(eps_ptr, b, eps, HAS_EPS_T, tl.float64)
-    inv_gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
+    gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
     dd = tl.zeros([PARTIAL_BLOCK], tl.float64)
     for start in range(0, per_sample, PARTIAL_BLOCK):
         c = start + tl.arange(0, PARTIAL_BLOCK)
@@ -219,7 +219,7 @@ def _l2_write_kernel(
     lo, hi = tl.cast(lower, tl.float32), tl.cast(upper, tl.float32)
     xo = _load(xo_ptr, offs, mask)
     w = _momentum_point(
-        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), inv_gn, f1, h, m, r, lo, hi
+        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gn, f1, h, m, r, lo, hi
     )
     y = _clamp_nan(xo + (w - xo) * f2, lo, hi)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,7 @@
 // eta/eps are read once per block. linf is one kernel (4 reads + 1 write per value). l2 is three:
 // per-tile partial sums (|g|^2, |x - x_orig|^2, <x - x_orig, g>) in double; then per tile
 // |w - x_orig|^2 of the momentum point w, each block first combining its sample's pass-1 partials
-// into 1/|g| and z's projection factor; then the write, each block combining both. Blocks combine
+// into |g| and z's projection factor; then the write, each block combining both. Blocks combine
 // partials in one fixed order, so the factors are the same in every block and every run (no
 // atomics). Loads and stores are 16-byte vectors when every pointer is aligned and D is a multiple
 // of the width. min/max/clamp propagate NaN as torch.minimum/maximum/clamp do (fminf/fmaxf don't).
@@ -145,9 +145,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// 1/|g| and z's projection factor of this block's sample from the pass-1 partials (see apgd.h).
+// |g| (rounded to float; 1 when |g| = 0) and z's projection factor of this block's sample from the
+// pass-1 partials (see apgd.h).
 struct First {
-  double inv_gn;
+  float gn;
   float f1;
 };
 
@@ -162,17 +163,16 @@ __device__ __forceinline__ First first_scalars(const double* partial, int64_t b,
   }
   block_sum<3>(s);
   const double gn = sqrt(s[0]);
-  const double inv_gn = gn > 0.0 ? 1.0 / gn : 0.0;
-  const double c = static_cast<double>(eta) * inv_gn;
+  const double c = gn > 0.0 ? static_cast<double>(eta) / gn : 0.0;
   const double dd = s[1] + 2.0 * c * s[2] + c * c * s[0];
   const double dn = sqrt(dd > 0.0 ? dd : 0.0);
-  return {inv_gn, (dn > eps && !isinf(gn)) ? static_cast<float>(eps / dn) : 1.f};
+  return {gn > 0.0 ? static_cast<float>(gn) : 1.f, (dn > eps && !isinf(gn)) ? static_cast<float>(eps / dn) : 1.f};
 }
 
 __device__ __forceinline__ float momentum_point(float x, float xp, float o, float g, const First& f, float h,
                                                 const Params& p) {
   const float gk = isnan(g) ? 0.f : g;
-  const float q = static_cast<float>(static_cast<double>(gk) * f.inv_gn);
+  const float q = gk / f.gn;  // IEEE division (no fast math), as the cpp body
   const float d1 = (x + h * q) - o;
   const float z = clamp_nan(o + d1 * f.f1, p.lo, p.hi);
   return (x + p.momentum * (z - x)) + p.rest * (x - xp);
