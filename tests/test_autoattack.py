@@ -25,7 +25,7 @@ def small_model(seed: int = 0, dropout: bool = False) -> nn.Module:
 
 @functools.cache
 def trained_digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small CNN trained for a few seconds on the 8×8 digits, and 60 test images."""
+    """A small CNN trained for a few seconds on the 8×8 digits, and 40 test images."""
     train, test = data.digits(size=8, split="train"), data.digits(size=8, split="test")
     images, labels = train.tensors
     model = small_model(seed=1)
@@ -43,7 +43,7 @@ def trained_digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     for p in model.parameters():
         p.requires_grad_(False)
     x, y = test.tensors
-    return model, x[:60].clone(), y[:60].clone()
+    return model, x[:40].clone(), y[:40].clone()
 
 
 def rows_of(batch: torch.Tensor, images: torch.Tensor) -> list[int]:
@@ -224,7 +224,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.slow
-def test_robust_accuracy_no_higher_than_pgd100():
+def test_robust_accuracy_no_higher_than_pgd100(one_thread):
     model, images, labels = trained_digits_model()
     eps = 0.1
     pgd = PGD(model, eps=eps, alpha=eps / 10, steps=100)(images, labels)
