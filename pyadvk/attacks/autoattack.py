@@ -189,33 +189,70 @@ class AutoAttack(Attack):
     def build(self, name: str) -> AttackFn:
         """The component ``name`` with this version's settings."""
         restarts = 5 if self.version == "plus" and name in ("apgd-ce", "apgd-dlr", "fab", "square") else 1
-        common = dict(norm=self.norm, eps=self.eps, seed=self.seed, lower=self.lower, upper=self.upper)
-        fast = dict(
-            backend=self.backend, autocast=self.autocast, channels_last=self.channels_last, cuda_graph=self.cuda_graph
-        )
-        if name in ("apgd-ce", "apgd-dlr"):
-            from pyadvk.attacks.apgd import APGD
+        eps = float(self.eps)
+        if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
+            from pyadvk.attacks.apgd import APGD, APGDT
 
-            eot = 20 if self.version == "rand" else 1
-            loss = "ce" if name == "apgd-ce" else "dlr"
-            return APGD(self.model, steps=100, restarts=restarts, loss=loss, eot_iter=eot, **common, **fast)
-        if name == "apgd-t":
-            from pyadvk.attacks.apgd import APGDT
-
-            return APGDT(self.model, steps=100, n_target_classes=self.n_target_classes, restarts=1, **common, **fast)
+            if name == "apgd-t":
+                return APGDT(
+                    self.model,
+                    norm=self.norm,
+                    eps=eps,
+                    steps=100,
+                    n_target_classes=self.n_target_classes,
+                    restarts=1,
+                    seed=self.seed,
+                    lower=self.lower,
+                    upper=self.upper,
+                    backend=self.backend,
+                    autocast=self.autocast,
+                    channels_last=self.channels_last,
+                    cuda_graph=self.cuda_graph,
+                )
+            return APGD(
+                self.model,
+                norm=self.norm,
+                eps=eps,
+                steps=100,
+                restarts=restarts,
+                loss="ce" if name == "apgd-ce" else "dlr",
+                seed=self.seed,
+                eot_iter=20 if self.version == "rand" else 1,
+                lower=self.lower,
+                upper=self.upper,
+                backend=self.backend,
+                autocast=self.autocast,
+                channels_last=self.channels_last,
+                cuda_graph=self.cuda_graph,
+            )
         if name in ("fab", "fab-t"):
             from pyadvk.attacks.fab import FAB
 
             targeted = name == "fab-t"
             return FAB(
                 self.model,
+                norm=self.norm,
+                eps=eps,
                 steps=100,
                 targeted=targeted,
                 n_target_classes=self.n_target_classes,
                 restarts=1 if targeted else restarts,
-                **common,
+                seed=self.seed,
+                lower=self.lower,
+                upper=self.upper,
             )
-        return Square(self.model, n_queries=5000, p_init=0.8, restarts=restarts, loss="margin", **common)
+        return Square(
+            self.model,
+            norm=self.norm,
+            eps=eps,
+            n_queries=5000,
+            p_init=0.8,
+            restarts=restarts,
+            loss="margin",
+            seed=self.seed,
+            lower=self.lower,
+            upper=self.upper,
+        )
 
     # ----------------------------------------------------------------------------------------
 
@@ -303,12 +340,13 @@ class AutoAttack(Attack):
         if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
             shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
             raise ValueError(f"a component returned adversarial images of shape {shape}, expected {tuple(x.shape)}")
+        eps = float(self.eps)
         delta = x_adv.detach().to(x.dtype) - x
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
+            delta = delta.clamp(-eps, eps)
         else:
             norm = delta.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            delta = delta * torch.clamp(self.eps / norm, max=1.0).view((-1,) + (1,) * (x.dim() - 1))
+            delta = delta * torch.clamp(eps / norm, max=1.0).view((-1,) + (1,) * (x.dim() - 1))
         return (x + delta).clamp(self.lower, self.upper)
 
 
