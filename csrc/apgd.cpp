@@ -25,9 +25,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
       norm == Norm::L2 && !apgd_l2_sample_at_a_time(B, D, x.element_size(), at::get_num_threads());
   if (workspace) {
     partial = at::empty({3 * cpu_tiles(B, D)}, x.options().dtype(at::kDouble));
-    static_assert(sizeof(ApgdL2Scalars) % sizeof(double) == 0, "ApgdL2Scalars is stored in a double tensor");
-    scalars = at::empty({B * static_cast<int64_t>(sizeof(ApgdL2Scalars) / sizeof(double))},
-                        x.options().dtype(at::kDouble));
+    static_assert(sizeof(ApgdL2Scalars) == 3 * sizeof(float), "ApgdL2Scalars is stored in a float tensor");
+    scalars = at::empty({3 * B}, x.options().dtype(at::kFloat));
   }
   ApgdStepArgs args{norm,
                     x.scalar_type(),
@@ -47,7 +46,7 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
                     static_cast<float>(lower),
                     static_cast<float>(upper),
                     workspace ? partial.data_ptr<double>() : nullptr,
-                    workspace ? reinterpret_cast<ApgdL2Scalars*>(scalars.data_ptr<double>()) : nullptr};
+                    workspace ? reinterpret_cast<ApgdL2Scalars*>(scalars.data_ptr<float>()) : nullptr};
   apgd_step_dispatch(args);
 }
 

@@ -7,9 +7,10 @@
 // linf is one pass. l2 is three: (1) the sums |g|^2, |x - x_orig|^2 and <x - x_orig, g> in double,
 // which give |g| and the norm of x + eta g/|g| - x_orig (so the first projection needs no pass of
 // its own); (2) |w - x_orig|^2 of the momentum point w, in double, recomputing z on the fly; (3) the
-// write. Double sums keep |g| exact for gradients from 1e-38 to 1e38 (float squares under/overflow
-// beyond 1e+-19); the cancellation in the expanded norm of pass 1 costs at most 1e-16 of
-// |x - x_orig|^2 + eta^2, far below the float32 rounding of the reference itself.
+// write. Double sums keep |g| exact for any float gradient (float squares under/overflow beyond
+// 1e+-19), and g / |g| is formed in float once |g| is rounded to float (finite up to |g| = 3e38,
+// so gradient entries up to about 1e36); the cancellation in the expanded norm of pass 1 costs at
+// most 1e-16 of |x - x_orig|^2 + eta^2, far below the float32 rounding of the reference itself.
 #pragma once
 
 #include "common.h"
@@ -25,9 +26,9 @@ inline bool apgd_l2_sample_at_a_time(int64_t B, int64_t D, int64_t item_size, in
 
 // Per-sample scalars of the l2 step after pass 1 (and pass 2 for f2).
 struct ApgdL2Scalars {
-  double inv_gn;  // 1/|g| (0 when |g| = 0)
-  float f1;       // projection factor of z: min(1, eps/|x + eta g/|g| - x_orig|)
-  float f2;       // projection factor of y: min(1, eps/|w - x_orig|)
+  float gn;  // |g| rounded to float (1 when |g| = 0: then g = 0); the step is g / gn in float
+  float f1;  // projection factor of z: min(1, eps/|x + eta g/|g| - x_orig|)
+  float f2;  // projection factor of y: min(1, eps/|w - x_orig|)
 };
 
 // Arguments of one APGD step as the CPU kernels (csrc/cpu/apgd_kernels.inc) see them.
