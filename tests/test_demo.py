@@ -59,6 +59,7 @@ def test_demo_writes_every_output(tmp_path, capsys):
         assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["pgd_accuracy"] <= r["clean_accuracy"] + 1e-9
         assert r["attack_ara"] >= 0 and r["btr_ara"] >= 0 and r["lipschitz_bound"] > 0
         assert 0 <= r["autoattack_accuracy"] <= r["autoattack_clean_accuracy"] <= 1
+        assert 0 <= r["pgd_accuracy_on_eval_images"] <= 1
         assert [a["name"] for a in r["evaluation"]["attacks"]] == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
         assert r["evaluation"]["n"] == 20 and len(r["evaluation"]["checks"]) == 5
         assert r["evaluation_warnings"] == [c["name"] for c in r["evaluation"]["checks"] if c["status"] == "warn"]
@@ -76,7 +77,7 @@ def test_demo_defaults_use_the_full_ara_procedure():
     from pyadvk.cli import build_parser
 
     args = build_parser().parse_args(["demo"])
-    assert args.ara_steps == 450 and args.rho == 0.1 and args.eval_images is None
+    assert args.ara_steps == 450 and args.rho == 0.1 and args.eval_images == 100
 
 
 def _linear(weight: torch.Tensor) -> nn.Module:

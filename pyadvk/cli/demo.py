@@ -119,8 +119,10 @@ def run(args) -> int:
         clean = metrics.robust_accuracy(model, test_loader, None)
         attack = PGD(model, eps=args.eps, alpha=2.5 * args.eps / args.eval_steps, steps=args.eval_steps)
         robust = metrics.robust_accuracy(model, test_loader, attack)
+        aa_loader = DataLoader(aa_set, batch_size=500)
+        robust_same = metrics.robust_accuracy(model, aa_loader, attack)
         start = time.perf_counter()
-        ev = evaluate(model, DataLoader(aa_set, batch_size=500), norm="linf", eps=args.eps, attacks="autoattack")
+        ev = evaluate(model, aa_loader, norm="linf", eps=args.eps, attacks="autoattack")
         eval_seconds = time.perf_counter() - start
         aras = {}
         for criterion in ("misclassify", "btr"):
@@ -137,6 +139,7 @@ def run(args) -> int:
         results[name] = {
             "clean_accuracy": clean,
             "pgd_accuracy": robust,
+            "pgd_accuracy_on_eval_images": robust_same,
             "autoattack_accuracy": ev.robust_accuracy,
             "autoattack_clean_accuracy": ev.clean_accuracy,
             "autoattack_seconds": eval_seconds,
@@ -164,7 +167,8 @@ def run(args) -> int:
         )
         warned = ", ".join(c.name for c in ev.warnings) or "none"
         print(
-            f"[{name}] clean {clean:.3f}, PGD {robust:.3f}, AutoAttack {ev.robust_accuracy:.3f} "
+            f"[{name}] clean {clean:.3f}, PGD {robust:.3f}; on the first {ev.n}: PGD {robust_same:.3f}, "
+            f"AutoAttack {ev.robust_accuracy:.3f} "
             f"(warnings: {warned}), attack-ARA {aras['misclassify'].ara:.4f}, BTR-ARA {aras['btr'].ara:.4f}, "
             f"mean reached p(target) {reached:.3f}, {seconds:.0f} s"
         )
@@ -179,19 +183,21 @@ def run(args) -> int:
         os.path.join(args.out, "results.json"),
     )
     header = (
-        f"{'model':<9} {'clean':>6} {'PGD':>6} {'AA':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'p(t)':>5} "
+        f"{'model':<9} {'clean':>6} {'PGD':>6} {'PGD@N':>6} {'AA@N':>6} {'attack-ARA':>11} {'BTR-ARA':>8} {'p(t)':>5} "
         f"{'Lipschitz≤':>11} {'train s':>8}  checks"
     )
     print(
-        f"\nPGD-{args.eval_steps} on all {len(test_set)} test images and AutoAttack (standard: APGD-CE, APGD-T, "
-        f"FAB-T, Square) on the first {len(aa_set)}, L∞ eps={args.eps}; ARA over the first "
-        f"{min(args.ara_images, len(test_set))} test images, best of L2Min ({args.ara_steps} steps) and FAB per "
-        f"image; p(t): mean reached p(target) of the targeted walks at rho={args.rho:g} on the first "
-        f"{len(reach_images)} images; fused step backend '{step_backend}'\n{header}\n{'-' * len(header)}"
+        f"\nPGD-{args.eval_steps} on all {len(test_set)} test images; @N: PGD-{args.eval_steps} and AutoAttack "
+        f"(standard: APGD-CE, APGD-T, FAB-T, Square) on the first N={len(aa_set)}, L∞ eps={args.eps}; "
+        f"ARA over the first {min(args.ara_images, len(test_set))} test images, best of L2Min "
+        f"({args.ara_steps} steps) and FAB per image; p(t): mean reached p(target) of the targeted walks "
+        f"at rho={args.rho:g} on the first {len(reach_images)} images; fused step backend '{step_backend}'"
+        f"\n{header}\n{'-' * len(header)}"
     )
     for name, r in results.items():
         print(
-            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['autoattack_accuracy']:>6.3f} "
+            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['pgd_accuracy_on_eval_images']:>6.3f} "
+            f"{r['autoattack_accuracy']:>6.3f} "
             f"{r['attack_ara']:>11.4f} {r['btr_ara']:>8.4f} {r['mean_reached_p_target']:>5.2f} "
             f"{r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f}  "
             f"{'warn: ' + ', '.join(r['evaluation_warnings']) if r['evaluation_warnings'] else 'pass'}"
@@ -234,8 +240,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--eval-images",
         type=int,
-        default=None,
-        help="test images for AutoAttack and its checks (default: all, as PGD)",
+        default=100,
+        help="the first N test images for AutoAttack and its checks (default 100; 0: all)",
     )
     p.add_argument("--rho", type=float, default=0.1, help="RMS radius of the explanation walks (default 0.1)")
     p.add_argument(
