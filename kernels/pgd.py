@@ -72,8 +72,9 @@ def _l2_reduce_kernel(xa_ptr, xo_ptr, g_ptr, partial_ptr, D, per_sample, BLOCK: 
     xa = tl.load(xa_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xo = tl.load(xo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(g != g, 0.0, g)
-    p = xa - xo
+    # sums in float64: float32 squares of gradients beyond ~1e19 overflow and below ~1e-19 underflow
+    g = tl.where(g != g, 0.0, g).to(tl.float64)
+    p = (xa - xo).to(tl.float64)
     out = partial_ptr + tl.program_id(0).to(tl.int64) * 3
     tl.store(out, tl.sum(g * g, axis=0))
     tl.store(out + 1, tl.sum(p * p, axis=0))
@@ -101,9 +102,9 @@ def _l2_apply_kernel(
     PARTIAL_BLOCK: tl.constexpr,
 ):
     b, offs, mask = _tile(D, per_sample, BLOCK)
-    gg = tl.zeros([PARTIAL_BLOCK], tl.float32)
-    pp = tl.zeros([PARTIAL_BLOCK], tl.float32)
-    pg = tl.zeros([PARTIAL_BLOCK], tl.float32)
+    gg = tl.zeros([PARTIAL_BLOCK], tl.float64)
+    pp = tl.zeros([PARTIAL_BLOCK], tl.float64)
+    pg = tl.zeros([PARTIAL_BLOCK], tl.float64)
     for start in range(0, per_sample, PARTIAL_BLOCK):
         c = start + tl.arange(0, PARTIAL_BLOCK)
         src = partial_ptr + (b * per_sample + c) * 3
@@ -116,15 +117,15 @@ def _l2_apply_kernel(
     gn = tl.sqrt(gg_s)
     a = tl.where(gn > 0, _per_sample(alpha_ptr, b, alpha, HAS_ALPHA_T), 0.0)
     gdiv = tl.where(gn > 0, gn, 1.0)
-    s = a.to(tl.float64) / gdiv.to(tl.float64)
-    dd = tl.sum(pp, axis=0).to(tl.float64) + 2.0 * s * tl.sum(pg, axis=0) + s * s * gg_s
+    s = a.to(tl.float64) / gdiv
+    dd = tl.sum(pp, axis=0) + 2.0 * s * tl.sum(pg, axis=0) + s * s * gg_s
     dn = tl.sqrt(tl.maximum(dd, 0.0))
     f = tl.where(dn > e, e / dn, 1.0).to(tl.float32)
     xa = tl.load(xa_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xo = tl.load(xo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(g != g, 0.0, g)
-    d = (xa + a * (g / gdiv)) - xo
+    d = (xa + a.to(tl.float32) * (g.to(tl.float64) / gdiv).to(tl.float32)) - xo
     v = tl.minimum(tl.maximum(xo + d * f, tl.cast(lower, tl.float32)), tl.cast(upper, tl.float32))
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -183,7 +184,7 @@ def _launch_step(norm, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, u
             **flags,
         )
         return
-    partial = torch.empty(grid[0] * 3, device=x_adv.device, dtype=torch.float32)
+    partial = torch.empty(grid[0] * 3, device=x_adv.device, dtype=torch.float64)
     wrap_triton(_l2_reduce_kernel)[grid](x_adv, x_orig, grad, partial, D, per_sample, BLOCK=block)
     wrap_triton(_l2_apply_kernel)[grid](
         x_adv,

@@ -107,6 +107,27 @@ def test_step_matches_reference(backend, **case):
     assert_matches_reference(inplace, ref, what=f"{backend} pgd_step_")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float16 cannot hold these scales
+@pytest.mark.parametrize("scale", [2.0**-100, 2.0**-66, 2.0**66, 2.0**100])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (2, 16385)])
+def test_l2_gradient_scale(backend, dtype, scale, shape):
+    """The l2 step depends on the gradient's direction only, for gradients from ~1e-30 to ~1e30
+    (whose float32 squares underflow or overflow: the norms are taken in float64), and the result
+    lies in the ball. Powers of two scale a gradient exactly, in every dtype."""
+    x_adv, x_orig, grad = make_inputs(shape, dtype, 5)
+    x_adv = (x_orig.float() + 0.9 * (2 * torch.rand(shape) - 1)).clamp(0, 1).to(dtype)  # outside the ball
+    kw = dict(eps=0.5, alpha=0.1, norm="l2")
+    unit = pgd_step(x_adv, x_orig, grad, backend="torch", **kw)
+    scaled = (grad.float() * scale).to(dtype)
+    assert torch.isfinite(scaled).all() and (scaled != 0).sum() == (grad != 0).sum()
+    out = pgd_step(x_adv, x_orig, scaled, backend=backend, **kw)
+    assert_matches_reference(out, unit, what=f"{backend} l2 step, grad * {scale}")
+    if dtype == torch.float32:  # (a bfloat16 result is rounded after the projection)
+        dist = (out.double() - x_orig.double()).reshape(shape[0], -1).norm(dim=1)
+        assert (dist <= 0.5 * (1 + 1e-5)).all(), dist
+
+
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_l2_schedules(two_threads, dtype):
@@ -288,4 +309,8 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
     """The reference tests on each copy of the cpp loops this CPU supports."""
-    run_on_cpu_isa(isa, __file__, "cpp and (matches_reference or layouts or nan_and_zero or semantics or schedules)")
+    run_on_cpu_isa(
+        isa,
+        __file__,
+        "cpp and (matches_reference or layouts or nan_and_zero or semantics or schedules or gradient_scale)",
+    )

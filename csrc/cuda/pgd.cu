@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Sums three values over the block; every thread gets the totals.
-__device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
-  __shared__ float shared[3][kThreads / 32];
+__device__ __forceinline__ void block_sum3(double& a, double& b, double& c) {
+  __shared__ double shared[3][kThreads / 32];
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, off);
@@ -92,7 +92,7 @@ __device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
     shared[2][warp] = c;
   }
   __syncthreads();
-  a = b = c = 0.f;
+  a = b = c = 0.0;
 #pragma unroll
   for (int w = 0; w < kThreads / 32; ++w) {
     a += shared[0][w];
@@ -104,9 +104,10 @@ __device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_reduce_kernel(const T* xa, const T* xo, const T* g, float* partial, int64_t D, int64_t per_sample) {
+    l2_reduce_kernel(const T* xa, const T* xo, const T* g, double* partial, int64_t D, int64_t per_sample) {
+  // Sums in double: float squares of gradients beyond ~1e19 overflow and below ~1e-19 underflow.
   const TileInfo t = tile_info(D, per_sample);
-  float gg = 0.f, pp = 0.f, pg = 0.f;
+  double gg = 0.0, pp = 0.0, pg = 0.0;
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC];
     load_pack<VEC>(xa + t.base + i, va);
@@ -114,8 +115,8 @@ __global__ void __launch_bounds__(kThreads)
     load_pack<VEC>(g + t.base + i, vg);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float gk = isnan(vg[k]) ? 0.f : vg[k];
-      const float p = va[k] - vo[k];
+      const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
+      const double p = static_cast<double>(va[k] - vo[k]);
       gg += gk * gk;
       pp += p * p;
       pg += p * gk;
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sum3(gg, pp, pg);
   if (threadIdx.x == 0) {
-    float* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
+    double* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
     dst[0] = gg;
     dst[1] = pp;
     dst[2] = pg;
@@ -132,25 +133,25 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_apply_kernel(const T* xa, const T* xo, const T* g, T* out, const float* partial, int64_t D,
+    l2_apply_kernel(const T* xa, const T* xo, const T* g, T* out, const double* partial, int64_t D,
                     int64_t per_sample, const float* eps_t, float eps, const float* alpha_t, float alpha,
                     float lo, float hi) {
   const TileInfo t = tile_info(D, per_sample);
-  float gg = 0.f, pp = 0.f, pg = 0.f;
+  double gg = 0.0, pp = 0.0, pg = 0.0;
   for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
-    const float* src = partial + 3 * (t.b * per_sample + c);
+    const double* src = partial + 3 * (t.b * per_sample + c);
     gg += src[0];
     pp += src[1];
     pg += src[2];
   }
   block_sum3(gg, pp, pg);
   const float e = eps_t ? eps_t[t.b] : eps;
-  const float gn = sqrtf(gg);
+  const float gn = static_cast<float>(sqrt(gg));
   const float a = gn > 0.f ? (alpha_t ? alpha_t[t.b] : alpha) : 0.f;
   const float gdiv = gn > 0.f ? gn : 1.f;
   // |d|^2 = pp + 2 s pg + s^2 gg with s = alpha / |g| (see the file comment).
   const double s = static_cast<double>(a) / gdiv;
-  const double dn = sqrt(fmax(static_cast<double>(pp) + 2.0 * s * pg + s * s * gg, 0.0));
+  const double dn = sqrt(fmax(pp + 2.0 * s * pg + s * s * gg, 0.0));
   const float f = dn > e ? static_cast<float>(e / dn) : 1.f;
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC], y[VEC];
@@ -222,7 +223,9 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
   const float e = static_cast<float>(eps), a = static_cast<float>(alpha);
   const float lo = static_cast<float>(lower), hi = static_cast<float>(upper);
   at::Tensor partial;
-  if (norm == Norm::L2) partial = at::empty({static_cast<int64_t>(L.grid.x) * 3}, x_adv.options().dtype(at::kFloat));
+  if (norm == Norm::L2) {
+    partial = at::empty({static_cast<int64_t>(L.grid.x) * 3}, x_adv.options().dtype(at::kDouble));
+  }
   dispatch_float(x_adv.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T *pa = x_adv.data_ptr<T>(), *po = x_orig.data_ptr<T>(), *pg = grad.data_ptr<T>();
@@ -234,7 +237,7 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
                                                                     at_, a, lo, hi);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        float* part = partial.data_ptr<float>();
+        double* part = partial.data_ptr<double>();
         l2_reduce_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, part, L.D, L.per_sample);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         l2_apply_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, py, part, L.D, L.per_sample,

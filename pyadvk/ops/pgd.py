@@ -5,7 +5,9 @@ floats or per-sample tensors of shape (B,), arithmetic in float32 whatever the i
 
 * ``linf``: ``y = clamp(clamp(x_adv + alpha*sign(grad), x_orig - eps, x_orig + eps), lower, upper)``
 * ``l2``:   ``u = g / ||g||_2`` (``u = 0`` when ``||g|| = 0``), ``d = x_adv + alpha*u - x_orig``,
-  ``d = d * min(1, eps / ||d||_2)``, ``y = clamp(x_orig + d, lower, upper)``
+  ``d = d * min(1, eps / ||d||_2)``, ``y = clamp(x_orig + d, lower, upper)``; the norms are taken
+  in float64, so that gradients from 1e-30 to 1e30 (whose float32 squares underflow or overflow)
+  give the same step as a unit gradient and the result always lies in the ball
 
 where ``g`` is ``grad`` with NaN entries set to 0: a NaN gradient entry makes no step (linf), and
 is left out of the norm and the step (l2). A zero gradient makes no step. An empty batch gives an
@@ -87,12 +89,12 @@ def pgd_step_l2_reference(
     batch = xa.shape[0]
     a = alpha if alpha_per_sample is None else _per_sample_view(alpha_per_sample, xa)
     g = torch.where(torch.isnan(g), 0.0, g)
-    gn = _per_sample_view(g.reshape(batch, -1).norm(dim=1), xa)
-    u = torch.where(gn > 0, g / torch.where(gn > 0, gn, 1.0), 0.0)
+    gn = _per_sample_view(g.double().reshape(batch, -1).norm(dim=1), xa)
+    u = torch.where(gn > 0, g.double() / torch.where(gn > 0, gn, 1.0), 0.0).float()
     d = xa + a * u - xo
-    dn = d.reshape(batch, -1).norm(dim=1)
-    e = torch.full_like(dn, eps) if eps_per_sample is None else eps_per_sample
-    factor = torch.where(dn > e, e / dn, 1.0)
+    dn = d.double().reshape(batch, -1).norm(dim=1)
+    e = torch.full_like(dn, eps) if eps_per_sample is None else eps_per_sample.double()
+    factor = torch.where(dn > e, e / dn, 1.0).float()
     return (xo + d * _per_sample_view(factor, xa)).clamp(lower, upper).to(x_adv.dtype)
 
 
