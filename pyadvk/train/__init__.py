@@ -6,6 +6,8 @@ from pyadvk.train.adversarial import (
     half_half,
     half_half_loss,
     pgd_adversarial_loss,
+    reference_adversarial_images,
+    reference_adversarial_loss,
     standard_loss,
 )
 from pyadvk.train.consistent import consistent_adversarial_loss, consistent_loss
@@ -21,5 +23,7 @@ __all__ = [
     "half_half",
     "half_half_loss",
     "pgd_adversarial_loss",
+    "reference_adversarial_images",
+    "reference_adversarial_loss",
     "standard_loss",
 ]
