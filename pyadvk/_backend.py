@@ -178,18 +178,36 @@ class OpBodies:
         return ""
 
 
+@torch.compiler.assume_constant_result
+def _auto_choice(op: OpBodies, device_type: str) -> str:
+    """The fastest body of ``op`` that can run on ``device_type`` (a constant under torch.compile:
+    what is built and installed does not change while a process runs)."""
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if not op.reason(name, device_type):
+            return name
+    return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(op: OpBodies, choice: str, device_type: str) -> bool:
+    """Whether a forced ``choice`` cannot run ``op`` (constant under torch.compile, like the above)."""
+    return bool(op.reason(choice, device_type))
+
+
 def resolve(op: OpBodies, device: torch.device, backend: str | None = None) -> str:
-    """The backend that runs ``op`` on ``device``: forced (argument, set_backend, env) or auto."""
+    """The backend that runs ``op`` on ``device``: forced (argument, set_backend, env) or auto.
+
+    The one resolver of every op. Under ``torch.compile`` the forced choice (``backend=``, or the
+    module's ``_forced`` that :func:`set_backend` writes) is read as a guarded input, so a
+    function compiled before ``set_backend`` recompiles after it and runs the new body (or raises
+    the same error as eager); only what is available on the machine is assumed constant."""
     if backend is None and _env_error:
         raise ValueError(_env_error)
     choice = _forced if backend is None else _check_choice(backend, "backend")
     device_type = device.type
     if choice == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("torch",)):
-            if not op.reason(name, device_type):
-                return name
-        return "torch"
-    if op.reason(choice, device_type):
+        return _auto_choice(op, device_type)
+    if _unavailable(op, choice, device_type):
         lines = "\n".join(f"  {name}: {op.reason(name, device_type) or 'available'}" for name in BACKENDS)
         raise BackendUnavailableError(
             f"backend {choice!r} cannot run {op.name} on a {device_type} tensor. Backends:\n{lines}"

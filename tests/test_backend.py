@@ -124,3 +124,51 @@ def test_info_command():
     assert f"torch {torch.__version__}" in out.stdout
     for name in pyadvk.BACKENDS:
         assert f"  {name}: " in out.stdout
+
+
+def _spy_bodies(monkeypatch):
+    """Records each call of the torch body of the linf pgd_step."""
+    ran = []
+    real_torch = pgd_ops._STEP_REFERENCE["linf"]
+
+    def torch_spy(*args):
+        ran.append("torch")
+        return real_torch(*args)
+
+    monkeypatch.setitem(pgd_ops._STEP_REFERENCE, "linf", torch_spy)
+    return ran
+
+
+def test_compiled_function_follows_set_backend(monkeypatch):
+    """A function compiled under one backend choice recompiles when set_backend changes it: the
+    forced backend is a guarded input, not a constant frozen at trace time (issue 15, item 4)."""
+    if not pyadvk.backends()["cpp"].available:
+        pytest.skip("the C++ extension is not built")
+    torch._dynamo.reset()
+    x, g = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def step(x, g):
+        return pgd_step(x, x, g, eps=0.1, alpha=0.05)
+
+    compiled = torch.compile(step, backend="eager")
+    previous = pyadvk.get_backend()
+    try:
+        pyadvk.set_backend("torch")
+        ran = _spy_bodies(monkeypatch)
+        compiled(x, g)
+        assert ran == ["torch"]
+        pyadvk.set_backend("cpp")
+        ran.clear()
+        got = compiled(x, g)
+        assert ran == [], "set_backend('cpp') after compiling still ran the torch body"
+        torch.testing.assert_close(got, step(x, g))
+        # a backend that cannot run (cuda on a CPU tensor) raises the same error as eager
+        pyadvk.set_backend("cuda")
+        with pytest.raises(pyadvk.BackendUnavailableError) as eager:
+            step(x, g)
+        with pytest.raises(pyadvk.BackendUnavailableError) as traced:
+            compiled(x, g)
+        assert str(traced.value) == str(eager.value)
+    finally:
+        pyadvk.set_backend(previous)
+        torch._dynamo.reset()

@@ -34,7 +34,7 @@ import torch
 
 from pyadvk import _backend, _checks
 from pyadvk.ops._library import define
-from pyadvk.ops.pgd import NORMS, _per_sample_view, _resolve, dense_format
+from pyadvk.ops.pgd import NORMS, _per_sample_view, dense_format
 
 _ARGS = (
     "Tensor x_orig, Tensor grad, float eta, Tensor? eta_per_sample, float eps, Tensor? eps_per_sample, "
@@ -135,7 +135,7 @@ def _run(norm, inplace, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentu
     x_orig = x_orig.contiguous(memory_format=fmt)
     grad = grad.contiguous(memory_format=fmt)
     args = (x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper)
-    name = _resolve(APGD_STEP, x.device, backend)
+    name = _backend.resolve(APGD_STEP, x.device, backend)
     if name == "torch":
         y = apgd_step_reference(norm, *args)
         return x_prev.copy_(y) if inplace else y

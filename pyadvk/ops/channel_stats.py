@@ -496,11 +496,6 @@ def dense_format(t: torch.Tensor) -> torch.memory_format | None:
     return _dense(t)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(op: _backend.OpBodies, device: torch.device, backend: str | None) -> str:
-    return _backend.resolve(op, device, backend)
-
-
 def check_update(state: ChannelStats, activations: torch.Tensor, sample_offset: int) -> int:
     """Checks the arguments of an update; returns the spatial size S."""
     if not isinstance(state, ChannelStats):
@@ -544,7 +539,7 @@ def channel_stats_update(
         return state
     if dense_format(activations) is None:
         activations = activations.contiguous()
-    name = _resolve(UPDATE, activations.device, backend)
+    name = _backend.resolve(UPDATE, activations.device, backend)
     state.spatial_size = spatial
     args = (*state.tensors(), activations, sample_offset, state.lo, state.hi)
     if name == "torch":

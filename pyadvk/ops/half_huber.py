@@ -315,11 +315,6 @@ _TORCH_AUTOGRAD = _Body(_TorchForward.apply, _TorchBackward.apply, _TorchDoubleB
 # Public wrapper.
 
 
-@torch.compiler.assume_constant_result
-def _resolve(op: _backend.OpBodies, device: torch.device, backend: str | None) -> str:
-    return _backend.resolve(op, device, backend)
-
-
 def check_delta(delta) -> float:
     """``delta`` must be a finite real number > 0."""
     delta = _checks.real("delta", delta, low=0.0, low_inclusive=False)
@@ -341,7 +336,7 @@ def half_huber_relu(x: torch.Tensor, delta: float = 0.5, *, backend: str | None 
     """
     _checks.tensor("x", x, dtypes=DTYPES, min_dim=0)
     delta = check_delta(delta)
-    name = _resolve(HALF_HUBER, x.device, backend)
+    name = _backend.resolve(HALF_HUBER, x.device, backend)
     if not is_dense(x):
         x = x.contiguous()
     if name == "torch":

@@ -122,11 +122,6 @@ def dense_format(t: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
-@torch.compiler.assume_constant_result
-def _resolve(op: _backend.OpBodies, device: torch.device, backend: str | None) -> str:
-    return _backend.resolve(op, device, backend)
-
-
 def run_step(norm, inplace, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper, backend):
     """Runs a checked step on the chosen body; x_orig and grad follow x_adv's memory format."""
     fmt = dense_format(x_adv)
@@ -136,7 +131,7 @@ def run_step(norm, inplace, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, low
     x_orig = x_orig.contiguous(memory_format=fmt)
     grad = grad.contiguous(memory_format=fmt)
     args = (x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper)
-    name = _resolve(STEP, x_adv.device, backend)
+    name = _backend.resolve(STEP, x_adv.device, backend)
     if name == "torch":
         y = _STEP_REFERENCE[norm](*args)
         return x_adv.copy_(y) if inplace else y
@@ -256,7 +251,7 @@ def random_init(
     x = x.contiguous(memory_format=dense_format(x) or torch.contiguous_format)
     if norm == "linf":
         noise = torch.empty_like(x, dtype=torch.float32).uniform_(generator=generator)
-        name = _resolve(RANDOM_INIT, x.device, backend)
+        name = _backend.resolve(RANDOM_INIT, x.device, backend)
         if name == "torch":
             return random_init_linf_reference(x, noise, eps, eps_t, lower, upper)
         op = torch.ops.pyadvk.random_init_linf_triton if name == "triton" else torch.ops.pyadvk.random_init_linf

@@ -76,11 +76,6 @@ def power_iteration_reference(
     return torch.stack(sigmas), u_out, v_out
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device: torch.device, backend: str | None) -> str:
-    return _backend.resolve(POWER_ITERATION, device, backend)
-
-
 def as_matrix(name: str, w: torch.Tensor) -> torch.Tensor:
     """``w`` viewed as a contiguous 2-D matrix ``(shape[0], prod(shape[1:]))``, detached."""
     _checks.tensor(name, w, min_dim=2)
@@ -120,7 +115,7 @@ def check_args(weights, us, n_iters) -> tuple[list[torch.Tensor], list[torch.Ten
 
 def run(mats, vecs, n_iters, backend=None):
     """Runs checked arguments (see :func:`check_args`) on the chosen body."""
-    name = _resolve(mats[0].device, backend)
+    name = _backend.resolve(POWER_ITERATION, mats[0].device, backend)
     if name == "torch":
         return power_iteration_reference(mats, vecs, n_iters)
     if name == "triton":
