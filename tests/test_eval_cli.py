@@ -89,7 +89,7 @@ def test_parse_budget():
         (["--eps", "0"], "--eps must be > 0 and finite, got '0'"),
         (["--eps-sweep", "1,a"], "--eps-sweep must be a number or a fraction like 8/255, got 'a'"),
         (["--n", "0"], "--n must be >= 1, got 0"),
-        (["--out", "FILE"], "exists and is not a folder"),
+        (["--out", "FILE"], "is a file, not a folder"),
         (["--out", "FILE/sub"], "is a file, not a folder"),
         (["--model", "/nonexistent.pt"], "model file '/nonexistent.pt' does not exist"),
     ],

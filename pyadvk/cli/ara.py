@@ -13,6 +13,7 @@ def run(args) -> int:
     device = common.device_from(args)
     if args.num_images < 1:
         raise common.UserError(f"--num-images must be >= 1, got {args.num_images}")
+    common.check_output_dir("--out", args.out, ("ara.json", "ara.png"))
     reference = args.attack == "reference"
     if reference and distributed.is_distributed():
         raise common.UserError("--attack reference runs in one process (its images are a permutation of the split)")

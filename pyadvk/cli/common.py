@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,6 +18,69 @@ from pyadvk import distributed, models
 
 class UserError(Exception):
     """An error in what the user asked for: printed without a traceback, exit code 2."""
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` itself if it exists, else its nearest existing ancestor (``/`` at worst)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _probe_writable(folder: str) -> str | None:
+    """None if a file can be created in ``folder`` (tried for real, then removed: permission bits
+    say nothing for root or on a read-only mount), else the reason it cannot."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pyadvk-write-check-", suffix=".tmp")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
+def _folder_problem(folder: str) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), or None if they can."""
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    reason = _probe_writable(existing)
+    if reason is None:
+        return None
+    if existing == os.path.abspath(folder):
+        return f"the folder {existing!r} is not writable ({reason})"
+    return f"cannot create it: {existing!r} is not writable ({reason})"
+
+
+def check_output_dir(flag: str, path: str | os.PathLike | None, files: Sequence[str] = ()) -> None:
+    """Raises :class:`UserError` (one line, exit 2) unless the command can write into folder ``path``:
+    it is a writable folder, or does not exist yet below a writable folder (nothing is created
+    here), and none of ``files`` (names inside it the command will write) is a folder. Commands call
+    it before any work, so a run never fails at the end for want of a place to put its results.
+    ``path=None`` (an optional output not asked for) passes."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    problem = _folder_problem(path)
+    if problem is not None:
+        raise UserError(f"{flag} {path!r}: {problem}")
+    for name in files:
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            raise UserError(f"{flag} {path!r}: {target!r} is a folder, where the command writes a file")
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> None:
+    """Raises :class:`UserError` unless the command can write the file ``path``: not a folder, in a
+    folder that is writable or can be created (see :func:`check_output_dir`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder; give a file name (e.g. {os.path.join(path, 'out.png')!r})")
+    problem = _folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem is not None:
+        raise UserError(f"{flag} {path!r}: {problem}")
 
 
 def positive_int(text: str) -> int:

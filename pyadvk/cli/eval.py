@@ -25,24 +25,6 @@ def parse_budget(name: str, text: str) -> float:
     return value
 
 
-def check_out_dir(path: str) -> None:
-    """``path`` must be a writable folder, or not exist yet below a writable folder (nothing is
-    created here: a run that fails leaves nothing behind)."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise common.UserError(f"--out {path!r} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise common.UserError(f"--out {path!r}: the folder is not writable")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise common.UserError(f"--out {path!r}: {parent!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise common.UserError(f"--out {path!r}: cannot create it, {parent!r} is not writable")
-
-
 def run(args) -> int:
     eps = parse_budget("--eps", args.eps)
     sweep = None
@@ -52,7 +34,7 @@ def run(args) -> int:
     for flag, value in (("--n", args.n), ("--steps", args.steps), ("--sweep-steps", args.sweep_steps)):
         if value < 1:
             raise common.UserError(f"{flag} must be >= 1, got {value}")
-    check_out_dir(args.out)
+    common.check_output_dir("--out", args.out, ("evaluation.json", "evaluation.md"))
     if not distributed.is_main():  # the evaluation is one process's work: rank 0 does it all
         return 0
     device = common.device_from(args)

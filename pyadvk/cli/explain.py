@@ -14,6 +14,7 @@ from pyadvk.cli import common
 def run(args) -> int:
     if not distributed.is_main():  # one image: under torchrun, rank 0 does it all
         return 0
+    common.check_output_file("--out", args.out)
     device = common.device_from(args)
     model = common.load_model(args, device)
     first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None

@@ -89,6 +89,7 @@ SETTINGS = (
 
 
 def run(args) -> int:
+    common.check_output_dir("--out", args.out, ("model.pt", "checkpoint.pt", "history.json"))
     device = common.device_from(args)
     loader, info = common.load_data(args, split="train", shuffle=True)
     test_loader, _ = common.load_data(args, split="test")
