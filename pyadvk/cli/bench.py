@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from pyadvk import _io
-from pyadvk.cli.common import UserError, say
+from pyadvk.cli.common import UserError, check_output_dir, say
 
 BASELINE_ORDER = ("unfused", "loop", "composite", "torchattacks-reimpl")
 FLOOR = "floor"
@@ -301,6 +301,7 @@ def _cpu_name() -> str:
 
 
 def run(args) -> int:
+    check_output_dir("--out", None if args.list else args.out, ("bench.json", "bench.md", "bench.png", "pytest.log"))
     suite = find_suite(args.suite)
     if args.list:
         for op, file in suite_ops(suite).items():

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from pyadvk import _backend, data, explain, metrics, models, train
 from pyadvk._io import save_json
 from pyadvk.attacks import PGD
+from pyadvk.cli.common import check_output_dir
 from pyadvk.lipschitz import AdaptivePsi, lipschitz_bound
 from pyadvk.metrics.evaluate import evaluate
 from pyadvk.ops import pgd as pgd_ops
@@ -89,6 +90,7 @@ def configurations(args) -> dict:
 
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_output_dir("--out", args.out, ("results.json", "ara.png", "fused_step.json"))
     os.makedirs(args.out, exist_ok=True)
     step_backend = _backend.resolve(pgd_ops.STEP, device)
     print(f"pyadvk demo on {device}: fused PGD step backend '{step_backend}' (`pyadvk info` lists every backend)")

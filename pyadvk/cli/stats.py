@@ -84,6 +84,7 @@ def _consistency_report(args, model, dataset, total, layers, device) -> dict:
 
 
 def run(args) -> int:
+    common.check_output_dir("--out", args.out, ("stats.json", "stats.pt"))
     device = common.device_from(args)
     if args.consistency is not None and not args.consistency > 0:
         raise common.UserError(f"--consistency must be an L-inf budget > 0, got {args.consistency}")
