@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -184,6 +185,49 @@ def build(name: str, **kwargs) -> nn.Module:
     if name not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
     return ARCHITECTURES[name](**kwargs)
+
+
+#: Square image sizes :func:`fitting_input_shapes` tries (the common datasets' and models' sizes).
+PROBE_SIZES = (8, 16, 28, 32, 64, 96, 128, 224, 256, 299)
+
+
+def first_layer_channels(model: nn.Module) -> int | None:
+    """The input channels of ``model``'s first convolution (None if it has none)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+@torch.no_grad()
+def fitting_input_shapes(
+    model: nn.Module,
+    channels: Sequence[int] = (1, 3),
+    sizes: Sequence[int] = PROBE_SIZES,
+    device: torch.device | str | None = None,
+) -> list[tuple[int, int, int]]:
+    """The ``(C, H, W)`` image shapes (``C`` in ``channels``, square ``H = W`` in ``sizes``) on which
+    ``model`` runs and returns one row of logits per image: found by trying a batch of one zero
+    image of each shape (the model's mode is left as it was: eval for the trial). For telling a
+    user which input size a model expects when theirs does not fit."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else "cpu"
+    was_training = model.training
+    model.eval()
+    fits = []
+    try:
+        for c in channels:
+            for size in sizes:
+                try:
+                    out = model(torch.zeros(1, c, size, size, device=device))
+                except (RuntimeError, ValueError, IndexError):
+                    continue
+                if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1:
+                    fits.append((int(c), int(size), int(size)))
+    finally:
+        model.train(was_training)
+    return fits
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, arch: str, **arch_kwargs) -> None:

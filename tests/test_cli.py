@@ -130,6 +130,30 @@ def test_explain_command(trained, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_explain_says_which_size_the_model_takes(trained, tmp_path, capsys):
+    """A 64×64 RGB image with an 8×8 digits model: not a matmul shape error, but the --size and
+    --channels that fit (issue 15, item 8)."""
+    from PIL import Image
+
+    rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    argv = ["explain", "--model", str(trained / "model.pt"), "--image", str(tmp_path / "photo.png")]
+    assert main([*argv, "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not take a 1×64×64 image" in err and "it takes 1×8×8: pass --size 8 --channels 1" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "grid.png").exists()
+    argv += ["--size", "8", "--targets", "1", "--steps", "2", "--out", str(tmp_path / "grid.png")]
+    assert main(argv) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fitting_input_shapes_keeps_the_mode():
+    model = models.build("small_cnn", in_channels=3, input_size=16).train()
+    assert models.fitting_input_shapes(model, sizes=(8, 16, 32)) == [(3, 16, 16)]
+    assert model.training
+    assert models.first_layer_channels(model) == 3 and models.first_layer_channels(nn.Linear(2, 2)) is None
+
+
 def test_help_for_every_command():
     for command in ("info", "demo", "train", "ara", "explain", "stats", "bench"):
         result = run_cli(command, "--help")

@@ -7,8 +7,36 @@ import os
 import torch
 
 from pyadvk import data as data_mod
-from pyadvk import distributed, explain
+from pyadvk import distributed, explain, models
 from pyadvk.cli import common
+
+
+def model_logits(model: torch.nn.Module, image: torch.Tensor, path: str) -> torch.Tensor:
+    """``model(image)`` for a (1, C, H, W) ``image`` read from ``path``, checked to be one row of
+    logits; an image the model cannot take raises a UserError naming the shapes it does take and
+    the ``--size``/``--channels`` that give them."""
+    shape = "×".join(map(str, image.shape[1:]))
+    try:
+        with torch.no_grad():
+            logits = model(image)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        fits = models.fitting_input_shapes(model, device=image.device)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not fits:
+            raise common.UserError(
+                f"--image {path!r}: the model does not take a {shape} image ({reason}), nor any square "
+                f"1- or 3-channel image of {', '.join(map(str, models.PROBE_SIZES))} pixels"
+            ) from exc
+        c, h, _ = fits[0]
+        options = ", ".join("×".join(map(str, f)) for f in fits)
+        raise common.UserError(
+            f"--image {path!r}: the model does not take a {shape} image ({reason}); it takes {options}: "
+            f"pass --size {h} --channels {c}"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise common.UserError(f"the model must return (1, C) logits for one image, got {got}")
+    return logits
 
 
 def run(args) -> int:
@@ -17,14 +45,10 @@ def run(args) -> int:
     common.check_output_file("--out", args.out)
     device = common.device_from(args)
     model = common.load_model(args, device)
-    first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    channels = args.channels or (first.shape[1] if first is not None and first.dim() == 4 else 3)
+    channels = args.channels or models.first_layer_channels(model) or 3
     size = (args.size, args.size) if args.size else None
     image = data_mod.load_image(args.image, channels=channels, size=size)[None].to(device)
-    with torch.no_grad():
-        logits = model(image)
-    if logits.dim() != 2 or logits.shape[0] != 1:
-        raise common.UserError(f"the model must return (B, C) logits, got {tuple(logits.shape)}")
+    logits = model_logits(model, image, args.image)
     targets = None if not args.targets else [int(t) for t in args.targets.split(",")]
     e = explain.adversarial_explanation(model, image, targets, rho=args.rho, steps=args.steps, overshoot=args.overshoot)
     names = args.class_names.split(",") if args.class_names else None
