@@ -10,8 +10,7 @@ import torch
 
 from pyadvk import models
 from pyadvk.cli import main
-from pyadvk.cli.common import UserError
-from pyadvk.cli.eval import parse_budget
+from pyadvk.cli.common import UserError, parse_budget
 
 
 @pytest.fixture(scope="module")

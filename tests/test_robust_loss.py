@@ -250,3 +250,35 @@ def test_reference_adversarial_loss_and_errors():
         train.adversarial.reference_adversarial_images(model, x, y, affected=torch.ones(16))
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         train.adversarial.reference_adversarial_images(model, x, y, steps=0)
+
+
+def test_psi0_scales_with_the_input_size():
+    assert train.scaled_psi0((3, 32, 32)) == pytest.approx(220.0)  # the paper's, on CIFAR
+    assert train.scaled_psi0((1, 16, 16)) == pytest.approx(220.0 * 256 / 3072)
+    assert train.scaled_psi0([1, 8, 8]) == pytest.approx(220.0 * 64 / 3072)
+    for bad in ((), (3, 0, 32), (3, 32.0, 32)):
+        with pytest.raises(ValueError, match="input_shape must be one sample's shape"):
+            train.scaled_psi0(bad)
+    assert train.RobustLoss(steps=0).psi.psi0 == 220.0
+    assert train.RobustLoss(steps=0, psi0=4.5).psi.psi0 == 4.5
+    with pytest.raises(ValueError, match="psi0 must be > 0"):
+        train.RobustLoss(steps=0, psi0=0.0)
+    with pytest.raises(ValueError, match="give psi .* or psi0 .*, not both; got psi0=3"):
+        train.RobustLoss(steps=0, psi=AdaptivePsi(), psi0=3)
+
+
+def test_trainer_records_ce_penalty_and_psi_per_epoch(capsys):
+    model, (x, y) = tiny_model(), tiny_data(16)
+    loss_fn = train.RobustLoss(steps=0, psi0=2.0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    history = train.AdversarialTrainer(model, optimizer, loader, loss_fn=loss_fn, epochs=2).fit()
+    out = capsys.readouterr().out
+    for record in history:
+        terms = record["terms"]
+        assert sorted(terms) == ["ce", "penalty", "psi"]
+        # per batch loss = ce + psi * penalty; psi grows from psi0 while the CE is below its target
+        assert 2.0 < terms["psi"] < 2.2
+        assert record["train_loss"] == pytest.approx(terms["ce"] + terms["psi"] * terms["penalty"], rel=1e-4)
+        line = train.trainer.format_record(record, 2)
+        assert line in out and f"ce {terms['ce']:.4g}, penalty {terms['penalty']:.4g}, psi {terms['psi']:.4g}" in line

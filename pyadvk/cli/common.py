@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -18,6 +20,17 @@ from pyadvk import distributed, models
 
 class UserError(Exception):
     """An error in what the user asked for: printed without a traceback, exit code 2."""
+
+
+def parse_budget(name: str, text: str) -> float:
+    """A positive finite number written as a float (``0.031``) or a fraction (``8/255``)."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{name} must be a number or a fraction like 8/255, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{name} must be > 0 and finite, got {text!r}")
+    return value
 
 
 def _nearest_existing(path: str) -> str:

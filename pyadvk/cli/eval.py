@@ -4,9 +4,7 @@ not to trust it (see :mod:`pyadvk.metrics.evaluate`); writes ``evaluation.json``
 
 from __future__ import annotations
 
-import math
 import os
-from fractions import Fraction
 
 from pyadvk import distributed
 from pyadvk._io import atomic_open, save_json
@@ -14,23 +12,12 @@ from pyadvk.cli import common
 from pyadvk.metrics.evaluate import NORMS, PRESETS, evaluate
 
 
-def parse_budget(name: str, text: str) -> float:
-    """A positive finite number written as a float (``0.031``) or a fraction (``8/255``)."""
-    try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise common.UserError(f"{name} must be a number or a fraction like 8/255, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise common.UserError(f"{name} must be > 0 and finite, got {text!r}")
-    return value
-
-
 def run(args) -> int:
-    eps = parse_budget("--eps", args.eps)
+    eps = common.parse_budget("--eps", args.eps)
     sweep = None
     if args.eps_sweep is not None:
         items = [s for s in args.eps_sweep.split(",") if s.strip()]
-        sweep = [] if args.eps_sweep.strip() == "none" else [parse_budget("--eps-sweep", s) for s in items]
+        sweep = [] if args.eps_sweep.strip() == "none" else [common.parse_budget("--eps-sweep", s) for s in items]
     for flag, value in (("--n", args.n), ("--steps", args.steps), ("--sweep-steps", args.sweep_steps)):
         if value < 1:
             raise common.UserError(f"{flag} must be >= 1, got {value}")

@@ -11,7 +11,7 @@ from pyadvk.train.adversarial import (
     standard_loss,
 )
 from pyadvk.train.consistent import consistent_adversarial_loss, consistent_loss
-from pyadvk.train.robust import RobustLoss
+from pyadvk.train.robust import RobustLoss, scaled_psi0
 from pyadvk.train.trainer import AdversarialTrainer
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "pgd_adversarial_loss",
     "reference_adversarial_images",
     "reference_adversarial_loss",
+    "scaled_psi0",
     "standard_loss",
 ]

@@ -22,8 +22,17 @@ The adversarial half (``attack=``):
   attack running on the whole batch (the others keep δ = 0). Images never misclassified within
   the budget stay clean, as in the reference.
 
-``loss_fn.last["attacked"]`` is the (B,) bool mask of the images made adversarial in the last
-batch.
+ψ's scale depends on the input size. The penalty is a mean over the ``D`` input values,
+``mean |∂s/∂x|² = ‖∂s/∂x‖₂² / D``, so a fixed ψ weighs the gradient's norm ``D`` times more on an
+input of ``D`` values than on CIFAR's ``3·32·32 = 3072``, for which the paper's ψ0 = 220 was tuned.
+To put the paper's weight on the norm, scale ψ0 with ``D``: :func:`scaled_psi0` gives
+``220 · D / 3072`` (18.3 for 16×16 digits, 4.6 for 8×8; ``pyadvk train --loss robust`` uses it
+unless ``--psi0`` is given). The class's default stays the paper's 220 (``psi0=`` or ``psi=``
+to change it).
+
+``loss_fn.last`` holds the last batch's terms: ``ce``, ``penalty`` and ``psi`` (0-dim tensors,
+averaged per epoch by :class:`pyadvk.train.AdversarialTrainer`) and ``attacked``, the (B,) bool
+mask of the images made adversarial.
 
 In a torch.distributed process group the cross-entropy that updates ψ is averaged over the ranks
 first, and the Lipschitz penalty's power-iteration state is broadcast from rank 0, so ψ and the
@@ -32,6 +41,7 @@ penalty are identical on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +53,19 @@ from pyadvk.lipschitz import AdaptivePsi, LipschitzPenalty, input_gradient_penal
 from pyadvk.train.adversarial import _fraction, half_half, reference_adversarial_images
 
 ATTACKS = ("pyadvk", "reference")
+#: The paper's ψ0 (:class:`AdaptivePsi`'s default), tuned on CIFAR-10's inputs of 3·32·32 values.
+PSI0_PAPER = 220.0
+PSI0_PAPER_INPUT_VALUES = 3 * 32 * 32
+
+
+def scaled_psi0(input_shape: Sequence[int]) -> float:
+    """ψ0 for inputs of one sample's ``input_shape`` (no batch dim) that puts the paper's weight on
+    the input gradient's norm: ``220 · D / 3072`` with ``D`` the number of input values (the
+    penalty is a mean over them; see the module docstring). 220 for CIFAR's (3, 32, 32)."""
+    shape = tuple(input_shape)
+    if not shape or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in shape):
+        raise ValueError(f"input_shape must be one sample's shape, positive ints (e.g. (3, 32, 32)), got {shape}")
+    return PSI0_PAPER * math.prod(shape) / PSI0_PAPER_INPUT_VALUES
 
 
 class RobustLoss(nn.Module):
@@ -58,7 +81,9 @@ class RobustLoss(nn.Module):
         fraction: the share of each batch made adversarial (paper: 0.5): exactly for "pyadvk",
             the Bernoulli probability per sample for "reference".
         zeta, p: the input-gradient penalty's margin probability and exponent (paper: 0.2, 2).
-        psi: the adaptive weight (default ``AdaptivePsi()`` with the paper's constants).
+        psi: the adaptive weight (default ``AdaptivePsi(psi0)`` with the paper's other constants).
+        psi0: ψ at the start (default 220, the paper's for CIFAR's 3072 input values; scale it with
+            the input size: :func:`scaled_psi0`); only without ``psi``.
         lipschitz_weight: weight λ of a :class:`LipschitzPenalty` on the spectral norms of
             ``model``'s layers (0: none), for one input of ``input_shape`` (no batch dim);
             ``lipschitz_kwargs`` go to its constructor (e.g. ``kind``, ``target``).
@@ -75,6 +100,7 @@ class RobustLoss(nn.Module):
         zeta: float = 0.2,
         p: float = 2.0,
         psi: AdaptivePsi | None = None,
+        psi0: float | None = None,
         lipschitz_weight: float = 0.0,
         model: nn.Module | None = None,
         input_shape: Sequence[int] | None = None,
@@ -89,7 +115,9 @@ class RobustLoss(nn.Module):
         self.steps = _checks.integer("steps", steps, low=0)
         self.fraction = _fraction(fraction)
         self.zeta, self.p = zeta, p
-        self.psi = psi if psi is not None else AdaptivePsi()
+        if psi is not None and psi0 is not None:
+            raise ValueError(f"give psi (an AdaptivePsi) or psi0 (its starting value), not both; got psi0={psi0}")
+        self.psi = psi if psi is not None else AdaptivePsi(PSI0_PAPER if psi0 is None else psi0)
         self.lipschitz_weight = _checks.real("lipschitz_weight", lipschitz_weight, low=0.0)
         self.lipschitz: LipschitzPenalty | None = None
         if self.lipschitz_weight > 0:

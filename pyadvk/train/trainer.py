@@ -20,6 +20,31 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def loss_terms(loss_fn: object) -> dict[str, float]:
+    """The scalar terms a loss object reports for its last batch: the 0-dim floating-point tensors
+    (or numbers) in its ``last`` dict (e.g. :class:`pyadvk.train.RobustLoss`: ``ce``, ``penalty``,
+    ``psi``), as floats; {} for a loss without one."""
+    last = getattr(loss_fn, "last", None)
+    if not isinstance(last, dict):
+        return {}
+    terms = {}
+    for name, value in last.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+            terms[str(name)] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            terms[str(name)] = float(value)
+    return terms
+
+
+def format_record(record: dict, epochs: int | None = None) -> str:
+    """One line for an epoch's record: training loss, the loss's terms (e.g. ce, penalty, psi),
+    test accuracy, seconds."""
+    terms = "".join(f", {name} {value:.4g}" for name, value in record.get("terms", {}).items())
+    accuracy = f", test accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+    of = f"/{epochs}" if epochs else ""
+    return f"epoch {record['epoch']}{of}: loss {record['train_loss']:.4f}{terms}{accuracy}, {record['seconds']:.1f} s"
+
+
 class AdversarialTrainer:
     """Trains ``model`` with ``loss_fn(model, images, labels) -> loss`` for ``epochs`` epochs.
 
@@ -29,11 +54,15 @@ class AdversarialTrainer:
             clean accuracy after every epoch.
         loss_fn: default PGD-7 adversarial training (:func:`pgd_adversarial_loss`). A loss object
             with ``state_dict``/``load_state_dict`` (e.g. one holding an adaptive weight) is saved in
-            the checkpoint too.
+            the checkpoint too. One with a ``last`` dict of 0-dim tensors (the last batch's terms,
+            e.g. :class:`RobustLoss`'s ``ce``, ``penalty`` and ``psi``) has each term's mean over
+            the epoch's batches (weighted by batch size) in the epoch's record, as ``terms``.
         checkpoint_dir: where ``checkpoint.pt`` is written (atomically) after every epoch; with
             ``resume=True`` an existing one is loaded and training continues after its epoch.
         amp: None, "bf16" or "fp16" (autocast; fp16 with a gradient scaler).
         channels_last: convert the model and every batch to channels_last.
+        progress: progress bars, and one line per epoch (:func:`format_record`: loss, the loss's
+            terms, test accuracy, time) on rank 0.
         settings: the run's hyperparameters as a JSON-able dict (e.g. learning rate, loss, budget),
             stored in the checkpoint. Resuming a checkpoint written with other settings is refused
             (ValueError listing each difference) unless ``override_settings=True``, which continues
@@ -114,6 +143,7 @@ class AdversarialTrainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         total, count, start = 0.0, 0, time.perf_counter()
+        terms: dict[str, float] = {}
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {self.epoch + 1}/{self.epochs}",
@@ -136,11 +166,17 @@ class AdversarialTrainer:
                 self.optimizer.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            for name, value in loss_terms(self.loss_fn).items():
+                terms[name] = terms.get(name, 0.0) + value * len(labels)
+            bar.set_postfix(loss=f"{total / count:.4f}", **{n: f"{v / count:.4g}" for n, v in terms.items()})
         if self.scheduler is not None:
             self.scheduler.step()
-        total, count = distributed.all_reduce_sum([total, count]).tolist()
-        return {"epoch": self.epoch + 1, "train_loss": total / max(count, 1), "seconds": time.perf_counter() - start}
+        names = sorted(terms)
+        total, count, *sums = distributed.all_reduce_sum([total, count, *(terms[n] for n in names)]).tolist()
+        record = {"epoch": self.epoch + 1, "train_loss": total / max(count, 1), "seconds": time.perf_counter() - start}
+        if names:
+            record["terms"] = {n: v / max(count, 1) for n, v in zip(names, sums)}
+        return record
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> float:
@@ -166,6 +202,8 @@ class AdversarialTrainer:
                 record["test_accuracy"] = self.evaluate(self.test_loader)
             self.epoch += 1
             self.history.append(record)
+            if self.progress and distributed.is_main():
+                tqdm.write(format_record(record, self.epochs))
             if self.checkpoint_dir:
                 self.save_checkpoint(self.checkpoint_path)
         self.module.eval()
