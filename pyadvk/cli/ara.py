@@ -19,6 +19,8 @@ def run(args) -> int:
         raise common.UserError("--attack reference runs in one process (its images are a permutation of the split)")
     # the reference procedure takes the first N of a seeded permutation of the whole split
     loader, info = common.load_data(args, n=None if reference else args.num_images)
+    if reference:
+        common.note_fewer_images("--num-images", args.num_images, len(loader.dataset), args, args.split)
     model = common.load_model(args, device, info)
     num_classes = common.check_model_on(model, loader, device)
     criteria = ("misclassify", "btr") if args.criterion == "both" else (args.criterion,)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from pyadvk import data as data_mod
 from pyadvk import distributed, models
+from pyadvk.nn import IMAGENET_MEAN, IMAGENET_STD, Normalize, with_normalization
 
 
 class UserError(Exception):
@@ -155,6 +156,16 @@ def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) 
         help="allow model files that carry code: pickled modules and TorchScript archives (runs code "
         "from the file: only if you trust it; --trust-pickle is the older name)",
     )
+    p.add_argument(
+        "--normalize",
+        nargs="+",
+        default=None,
+        metavar="MEAN STD",
+        help="the model expects (x - MEAN) / STD of a [0, 1] image: pyadvk.nn.Normalize is put in front "
+        "of it, so budgets, distances and explanations stay in pixel space. MEAN and STD: one number or "
+        "comma-separated per-channel values (e.g. --normalize 0.4914,0.4822,0.4465 0.2470,0.2435,0.2616), "
+        "or the one word imagenet",
+    )
 
 
 def arch_kwargs(
@@ -171,9 +182,48 @@ def arch_kwargs(
     return kwargs
 
 
-def load_model(args, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
+def parse_normalize(values: Sequence[str] | None) -> Normalize | None:
+    """--normalize's values as a :class:`pyadvk.nn.Normalize`: ``MEAN STD`` (each one number or
+    comma-separated per-channel values) or ``imagenet``; None without the flag."""
+    if values is None:
+        return None
+    if len(values) == 1 and values[0].strip().lower() == "imagenet":
+        return Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if len(values) != 2:
+        raise UserError(f"--normalize takes MEAN STD (or imagenet), got {' '.join(values)!r}")
+    parsed = []
+    for name, text in zip(("MEAN", "STD"), values):
+        try:
+            parsed.append([float(v) for v in text.split(",")])
+        except ValueError:
+            raise UserError(f"--normalize {name} must be numbers separated by commas, got {text!r}") from None
+    try:
+        return Normalize(*parsed)
+    except ValueError as exc:
+        raise UserError(f"--normalize {' '.join(values)}: {exc}") from None
+
+
+def normalized(model: nn.Module, normalize: Normalize | None) -> nn.Module:
+    """``model`` fed ``normalize(x)`` instead of ``x``. A module gets a forward pre-hook (the
+    model and its layer names stay as in its file, for ``--layers``); anything else (a TorchScript
+    module) is wrapped as ``nn.Sequential(normalize, model)``."""
+    if normalize is None:
+        return model
+    ref = next(iter(model.parameters()), None)
+    normalize = normalize.to(ref.device) if ref is not None else normalize
+    if isinstance(model, torch.jit.ScriptModule) or not isinstance(model, nn.Module):
+        return with_normalization(model, normalize)
+    model.register_forward_pre_hook(lambda _module, inputs: (normalize(inputs[0]), *inputs[1:]))
+    return model
+
+
+def load_model(args: argparse.Namespace, device: torch.device, info: data_mod.DataInfo | None = None) -> nn.Module:
+    """The model of --model/--arch (see :func:`pyadvk.models.load_model`), with --normalize in
+    front of it, on ``device``, in eval mode."""
+    normalize = parse_normalize(getattr(args, "normalize", None))  # checked before the file is read
     kwargs = arch_kwargs(args.arch, info, args.num_classes, args.in_channels) if args.arch else {}
-    return models.load_model(args.model, arch=args.arch, trust_code=args.trust_code, map_location=device, **kwargs)
+    model = models.load_model(args.model, arch=args.arch, trust_code=args.trust_code, map_location=device, **kwargs)
+    return normalized(model, normalize)
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -188,11 +238,29 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
     p.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
 
 
-def load_data(args, *, split: str | None = None, shuffle: bool = False, n: int | None = None):
-    """The loader of --data (this rank's shard of its first ``n`` images under torchrun)."""
-    dataset, info = data_mod.load(args.data, split or args.split)
+def note_fewer_images(flag: str, n: int, available: int, args: argparse.Namespace, split: str) -> None:
+    """Says (rank 0) when ``flag n`` asks for more images than the split has, so the count the
+    command reports is not a surprise (``ara --num-images 1000`` on the digits' 359 test images)."""
+    if n > available:
+        say(f"note: {flag} {n} asks for more images than the {split} split of {args.data} has; using all {available}")
+
+
+def load_data(
+    args: argparse.Namespace,
+    *,
+    split: str | None = None,
+    shuffle: bool = False,
+    n: int | None = None,
+    n_flag: str = "--num-images",
+) -> tuple[DataLoader, data_mod.DataInfo]:
+    """The loader of --data (this rank's shard of its first ``n`` images under torchrun; a note
+    when ``n``, given as ``n_flag``, exceeds the split) and what the data holds."""
+    split = split or args.split
+    dataset, info = data_mod.load(args.data, split)
     if len(dataset) == 0:
         raise UserError(f"--data {args.data}: no images")
+    if n is not None:
+        note_fewer_images(n_flag, n, len(dataset), args, split)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if distributed.is_distributed():

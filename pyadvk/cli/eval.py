@@ -25,7 +25,7 @@ def run(args) -> int:
     if not distributed.is_main():  # the evaluation is one process's work: rank 0 does it all
         return 0
     device = common.device_from(args)
-    loader, info = common.load_data(args, n=args.n)
+    loader, info = common.load_data(args, n=args.n, n_flag="--n")
     model = common.load_model(args, device, info)
     common.check_model_on(model, loader, device)
     ev = evaluate(
