@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, in one call (the device's time is short): build the CUDA
-# extension against the machine's own torch, run the GPU tests, then the benchmark suite, and
-# leave the results under $OUT (default benchmarks/results/gpu). Usage:
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [--quick]
+# Everything a GPU session runs, in one device call of at most ~9.5 minutes (the device's time is
+# short): build, GPU tests, headline benchmarks, the rest of the GPU tests, in stages that each
+# write their own file under $OUT as they end (benchmarks/gpu_session.py says which). Usage:
+#   OUT=/some/dir bash benchmarks/gpu_session.sh            # on the GPU machine
+#   bash benchmarks/gpu_session.sh --cpu --out /tmp/session  # the same stages on a CPU, tiny sizes
+# On the device tool: run(command="bash benchmarks/gpu_session.sh", timeout_s=600).
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
-export PYADVK_FORCE_CUDA=1
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$OUT/machine.txt" 2>&1
-pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-python -m pyadvk info > "$OUT/info.txt" 2>&1
-timeout 900 python -m pytest -q -m gpu tests -x --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.txt" 2>&1
-echo "gpu tests exit code $?" >> "$OUT/gpu-tests.txt"
-tail -5 "$OUT/gpu-tests.txt"
-python -m pyadvk bench --device cuda --out "$OUT" "$@" > "$OUT/bench.txt" 2>&1
-echo "bench exit code $?" >> "$OUT/bench.txt"
-tail -40 "$OUT/bench.txt"
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHON
+# The build: one compile job per core, machine code for this machine's chip only.
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]] && command -v nvidia-smi > /dev/null; then
+  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | sort -u | paste -sd ';')
+  export TORCH_CUDA_ARCH_LIST
+fi
+exec "$PYTHON" -m benchmarks.gpu_session "$@"
