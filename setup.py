@@ -75,7 +75,10 @@ setup(
         # Peer libraries timed by benchmarks/bench_attack.py when installed (never needed by the
         # package or the tests; torchattacks pulls torchvision, which may want another torch).
         "peers": ["torchattacks", "foolbox"],
+        # pyadvk.integrations.lightning (a robust-accuracy callback, an adversarial training_step)
+        "lightning": ["lightning>=2.0"],
     },
+    package_data={"pyadvk": ["py.typed"]},
     entry_points={"console_scripts": ["pyadvk=pyadvk.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
