@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,8 @@ class SmallCNN(nn.Module):
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -178,7 +179,7 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3, activation: str = "r
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, "imagenet", activation)
 
 
-ARCHITECTURES = {"small_cnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}
 
 
 def build(name: str, **kwargs) -> nn.Module:

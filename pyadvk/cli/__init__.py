@@ -21,6 +21,7 @@ COMMANDS = (info, demo, train, ara, eval, explain, stats, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyadvk`` parser with every subcommand of COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="pyadvk", description="Fused kernels for adversarial robustness and interpretability."
     )
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``pyadvk ARGV`` (default ``sys.argv[1:]``) and returns the exit code: 0, 2 for a user
+    error (one line on stderr), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         distributed.init_from_env()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sized
+from typing import cast
 
 from pyadvk import distributed, metrics
 from pyadvk._io import save_json
 from pyadvk.cli import common
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Computes the ARA of --model on --data (both criteria by default), prints it, writes
+    OUT/ara.json and ara.png; returns 0."""
     device = common.device_from(args)
     if args.num_images < 1:
         raise common.UserError(f"--num-images must be >= 1, got {args.num_images}")
@@ -20,7 +25,7 @@ def run(args) -> int:
     # the reference procedure takes the first N of a seeded permutation of the whole split
     loader, info = common.load_data(args, n=None if reference else args.num_images)
     if reference:
-        common.note_fewer_images("--num-images", args.num_images, len(loader.dataset), args, args.split)
+        common.note_fewer_images("--num-images", args.num_images, len(cast(Sized, loader.dataset)), args, args.split)
     model = common.load_model(args, device, info)
     num_classes = common.check_model_on(model, loader, device)
     criteria = ("misclassify", "btr") if args.criterion == "both" else (args.criterion,)
@@ -67,7 +72,8 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``pyadvk ara`` and its arguments."""
     p = sub.add_parser(
         "ara",
         help="Accuracy-Robustness Area of a model",

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,16 +110,18 @@ def positive_int(text: str) -> int:
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device (cpu, cuda or cuda:N; default cuda when one is visible)."""
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
 
 
-def say(*parts) -> None:
+def say(*parts: object) -> None:
     """print(), on rank 0 only (every process prints without a process group)."""
     if distributed.is_main():
         print(*parts)
 
 
-def device_from(args) -> torch.device:
+def device_from(args: argparse.Namespace) -> torch.device:
+    """The device of --device (the rank's own under torchrun); a UserError for an absent CUDA."""
     if distributed.is_distributed():
         return distributed.local_device()
     if args.device:
@@ -170,7 +173,7 @@ def add_model_args(p: argparse.ArgumentParser, *, random_weights: bool = False) 
 
 def arch_kwargs(
     arch: str, info: data_mod.DataInfo | None, num_classes: int | None = None, in_channels: int | None = None
-) -> dict:
+) -> dict[str, Any]:
     """The constructor arguments of ``arch`` for the data described by ``info`` (explicit
     ``num_classes``/``in_channels`` win; without ``info``: 10 classes, 3 channels)."""
     kwargs = {
@@ -227,6 +230,7 @@ def load_model(args: argparse.Namespace, device: torch.device, info: data_mod.Da
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--data (required unless ``default``), --split and --batch-size."""
     p.add_argument(
         "--data",
         default=default,
@@ -267,9 +271,8 @@ def load_data(
         return distributed.shard_loader(
             dataset, args.batch_size, n=n, shuffle=shuffle, seed=getattr(args, "seed", 0)
         ), info
-    if n is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle), info
+    first_n = dataset if n is None else torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+    return DataLoader(first_n, batch_size=args.batch_size, shuffle=shuffle), info
 
 
 def check_model_on(model: nn.Module, loader: DataLoader, device: torch.device) -> int:

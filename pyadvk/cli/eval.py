@@ -4,6 +4,7 @@ not to trust it (see :mod:`pyadvk.metrics.evaluate`); writes ``evaluation.json``
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from pyadvk import distributed
@@ -12,7 +13,8 @@ from pyadvk.cli import common
 from pyadvk.metrics.evaluate import NORMS, PRESETS, evaluate
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Runs the evaluation cascade with its checks, prints it, writes OUT/evaluation.json and .md; returns 0."""
     eps = common.parse_budget("--eps", args.eps)
     sweep = None
     if args.eps_sweep is not None:
@@ -56,7 +58,8 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``pyadvk eval`` and its arguments."""
     p = sub.add_parser(
         "eval",
         help="robust accuracy under AutoAttack, with checks for masked gradients",

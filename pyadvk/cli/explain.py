@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -39,7 +40,8 @@ def model_logits(model: torch.nn.Module, image: torch.Tensor, path: str) -> torc
     return logits
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Writes the adversarial explanations of --image as a PNG grid (--out); returns 0."""
     if not distributed.is_main():  # one image: under torchrun, rank 0 does it all
         return 0
     common.check_output_file("--out", args.out)
@@ -61,7 +63,8 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``pyadvk explain`` and its arguments."""
     p = sub.add_parser(
         "explain",
         help="adversarial explanations of an image",

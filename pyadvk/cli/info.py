@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 
 import torch
@@ -37,11 +38,13 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Prints :func:`describe`; returns 0."""
     print(describe())
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``pyadvk info``."""
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(run=run)

@@ -204,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``pyadvk train`` and its arguments."""
     p = sub.add_parser(
         "train",
         help="train a model with an adversarial-training loss",

@@ -176,7 +176,7 @@ def load_image(path: str | os.PathLike, *, channels: int = 3, size: tuple[int, i
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
             if size is not None:
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{os.fspath(path)!r} is not a readable image: {exc}") from exc
@@ -187,7 +187,7 @@ def load_image(path: str | os.PathLike, *, channels: int = 3, size: tuple[int, i
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def load(spec: str, split: str = "test") -> tuple[Dataset, DataInfo]:
+def load(spec: str, split: str = "test") -> tuple[TensorDataset | ImageFolder, DataInfo]:
     """A dataset from a command-line specification: ``digits`` / ``digits:SIZE``,
     ``cifar10:PATH`` or ``folder:PATH`` (``folder:PATH`` ignores ``split``)."""
     kind, _, arg = spec.partition(":")
@@ -198,5 +198,6 @@ def load(spec: str, split: str = "test") -> tuple[Dataset, DataInfo]:
         return cifar10(arg, split), DataInfo(CIFAR10_CLASSES, (3, 32, 32))
     if kind == "folder" and arg:
         ds = ImageFolder(arg)
-        return ds, DataInfo(ds.classes, tuple(ds[0][0].shape))
+        c, h, w = (int(n) for n in ds[0][0].shape)
+        return ds, DataInfo(ds.classes, (c, h, w))
     raise ValueError(f"data must be 'digits', 'digits:SIZE', 'cifar10:PATH' or 'folder:PATH', got {spec!r}")

@@ -101,7 +101,7 @@ class AdversarialTrainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         model = distributed.unwrap(model).to(self.device)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in torch's stubs
         self.module = model
         self.model = model
         if distributed.is_distributed():
@@ -140,7 +140,7 @@ class AdversarialTrainer:
     def train_epoch(self) -> dict:
         self.model.train()
         sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         total, count, start = 0.0, 0, time.perf_counter()
         terms: dict[str, float] = {}
