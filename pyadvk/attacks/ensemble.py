@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk._modules import eval_mode
 from pyadvk.attacks.pgd import PGD
-from pyadvk.stats._features import eval_mode
 
 
 def ensemble_log_prob(logits: Sequence[torch.Tensor], log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

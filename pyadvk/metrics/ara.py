@@ -40,15 +40,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
+from pyadvk._modules import model_device
 from pyadvk.attacks.l2min import CRITERIA, PROCEDURES, L2Min
 
 ATTACKS = ("best", "reference", "l2min")
 REFERENCE_SEED = 1776  # the reference code's torch.manual_seed before its test-set permutation
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    return param.device if param is not None else torch.device("cpu")
 
 
 def ara_from_distances(distances: torch.Tensor, num_classes: int) -> float:
@@ -270,7 +266,7 @@ def ara(
             batch_size=loader.batch_size or 1,
             collate_fn=loader.collate_fn,
         )
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     l2min = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion, procedure=procedure)
     use_fab = attack == "best" and criterion == "misclassify"
     fab = _fab(model, fab_steps) if use_fab else None

@@ -49,11 +49,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks
+from pyadvk._modules import model_device
 from pyadvk.attacks.apgd import APGD
 from pyadvk.attacks.autoattack import MIN_CLASSES, AutoAttack
 from pyadvk.attacks.pgd import PGD
 from pyadvk.attacks.square import Square
-from pyadvk.metrics.ara import _model_device
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -348,7 +348,7 @@ def evaluate(
         sweep_eps = [_checks.real(f"eps_sweep[{i}]", e, low=0.0, low_inclusive=False) for i, e in enumerate(eps_sweep)]
         if sweep_eps != sorted(sweep_eps):
             raise ValueError(f"eps_sweep must be increasing, got {sweep_eps}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     images, labels, batch = _collect(loader, n)
     total = len(labels)

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
+from pyadvk._modules import model_device
 from pyadvk.attacks import PGD
-from pyadvk.metrics.ara import _model_device
 
 
 def _batches(loader: DataLoader, n: int | None, device: torch.device):
@@ -59,7 +59,7 @@ def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
             "pyadvk.distributed.shard_loader(dataset, batch_size, n=...)"
         )
     distributed.check_loader(loader)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     correct = total = 0
     bar = tqdm(_batches(loader, n, device), desc=desc, leave=False, disable=not progress or not distributed.is_main())
     for images, labels in bar:

@@ -33,8 +33,9 @@ from __future__ import annotations
 import torch
 
 from pyadvk import _backend, _checks
+from pyadvk._layout import dense_format
 from pyadvk.ops._library import define
-from pyadvk.ops.pgd import NORMS, _per_sample_view, dense_format
+from pyadvk.ops.pgd import NORMS, _per_sample_view
 
 _ARGS = (
     "Tensor x_orig, Tensor grad, float eta, Tensor? eta_per_sample, float eps, Tensor? eps_per_sample, "

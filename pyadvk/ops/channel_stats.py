@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyadvk import _backend, _checks
+from pyadvk._layout import dense_format
 from pyadvk.ops._library import define
 
 _STATE_ARGS = (
@@ -488,12 +489,6 @@ def channel_stats_update_reference(
 
 # ---------------------------------------------------------------------------------------------
 # Public API.
-
-
-def dense_format(t: torch.Tensor) -> torch.memory_format | None:
-    from pyadvk.ops.pgd import dense_format as _dense
-
-    return _dense(t)
 
 
 def check_update(state: ChannelStats, activations: torch.Tensor, sample_offset: int) -> int:

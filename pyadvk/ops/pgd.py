@@ -25,6 +25,7 @@ import math
 import torch
 
 from pyadvk import _backend, _checks
+from pyadvk._layout import dense_format
 from pyadvk.ops._library import define
 
 NORMS = ("linf", "l2")
@@ -109,17 +110,6 @@ _STEP_REFERENCE = {"linf": pgd_step_linf_reference, "l2": pgd_step_l2_reference}
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch to a body.
-
-
-def dense_format(t: torch.Tensor) -> torch.memory_format | None:
-    """The memory format in which ``t`` is dense with the batch outermost, or None."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return None
 
 
 def run_step(norm, inplace, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lower, upper, backend):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.stats._features import capture, eval_mode, model_device, resolve_layer, single_output
+from pyadvk._modules import capture, eval_mode, model_device, resolve_layer, single_output
 
 REDUCTIONS = ("max", "mean")
 REAL_LABELS = ("true", "predicted")

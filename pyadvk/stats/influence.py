@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.stats._features import eval_mode, model_device, resolve_layer
+from pyadvk._modules import eval_mode, model_device, resolve_layer
 
 INFLUENCE_REDUCTIONS = ("mean", "none")
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk._modules import capture, layer_list, resolve_layer, single_output
 from pyadvk.attacks import PGD
 from pyadvk.distributed import unwrap
-from pyadvk.stats._features import capture, layer_list, resolve_layer, single_output
 
 
 def consistent_loss(

@@ -1,5 +1,7 @@
-"""Reading a named layer's output: name resolution with a clear error, forward hooks that capture
-outputs, and running models in eval mode with each module's mode restored afterwards."""
+"""Helpers on nn.Modules shared by every layer of pyadvk (a leaf: it imports nothing of pyadvk):
+reading a named layer's output (name resolution with a clear error, forward hooks that capture
+outputs), running models in eval mode with each module's mode restored afterwards, and the device
+a model lives on."""
 
 from __future__ import annotations
 
@@ -93,8 +95,11 @@ def eval_mode(models: Sequence) -> Iterator[None]:
             module.training = training
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither, or for a
+    plain callable that is not an nn.Module)."""
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
