@@ -12,6 +12,8 @@ matrix norm *is* the operator norm and torch's own parametrization is used uncha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -26,7 +28,7 @@ class ConvSpectralNorm(nn.Module):
     def __init__(
         self,
         conv: nn.Module,
-        input_shape,
+        input_shape: Sequence[int],
         n_power_iterations: int = 1,
         eps: float = 1e-12,
         *,
@@ -74,7 +76,7 @@ def spectral_norm(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     dim: int | None = None,
-    input_shape=None,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` that divides a convolution's
     weight by the convolution's true operator norm on inputs of ``input_shape`` (``(C_in,
