@@ -7,7 +7,7 @@
 // into |g| and z's projection factor; then the write, each block combining both. Blocks combine
 // partials in one fixed order, so the factors are the same in every block and every run (no
 // atomics). Loads and stores are 16-byte vectors when every pointer is aligned and D is a multiple
-// of the width. min/max/clamp propagate NaN as torch.minimum/maximum/clamp do (fminf/fmaxf don't).
+// of the width. min/max/clamp propagate NaN as torch.minimum/maximum/clamp do (common.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,47 +17,12 @@
 #include <cstdint>
 
 #include "../apgd.h"
+#include "common.cuh"
 
 namespace pyadvk {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kTile = 8192;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ void load_pack(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pk.v[k]);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
-
-__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
-__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) { return min_nan(max_nan(v, lo), hi); }
-
-struct TileInfo {
-  int64_t b, base, n;
-};
-
-__device__ __forceinline__ TileInfo tile_info(int64_t D, int64_t per_sample) {
-  const int64_t tile = blockIdx.x;
-  const int64_t b = tile / per_sample;
-  const int64_t offset = (tile - b * per_sample) * kTile;
-  return {b, b * D + offset, D - offset < kTile ? D - offset : kTile};
-}
+using namespace cuda;  // common.cuh
 
 struct Params {
   const float* eta_t;
@@ -93,28 +58,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     store_pack<VEC>(out + t.base + i, y);
   }
-}
-
-// Sums N doubles over the block; every thread gets the totals.
-template <int N>
-__device__ __forceinline__ void block_sum(double (&v)[N]) {
-  __shared__ double shared[N][kThreads / 32];
-#pragma unroll
-  for (int k = 0; k < N; ++k)
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0)
-#pragma unroll
-    for (int k = 0; k < N; ++k) shared[k][warp] = v[k];
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = 0.0;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) v[k] += shared[k][w];
-  }
-  __syncthreads();  // shared may be reused by a later call
 }
 
 template <typename T, int VEC>
@@ -164,7 +107,7 @@ __device__ __forceinline__ First first_scalars(const double* partial, int64_t b,
   block_sum<3>(s);
   const double gn = sqrt(s[0]);
   const double c = gn > 0.0 ? static_cast<double>(eta) / gn : 0.0;
-  const double dd = s[1] + 2.0 * c * s[2] + c * c * s[0];
+  const double dd = expanded_square_norm(s[1], s[2], s[0], c);
   const double dn = sqrt(dd > 0.0 ? dd : 0.0);
   return {gn > 0.0 ? static_cast<float>(gn) : 1.f, (dn > eps && !isinf(gn)) ? static_cast<float>(eps / dn) : 1.f};
 }
@@ -227,21 +170,6 @@ __global__ void __launch_bounds__(kThreads)
       y[k] = clamp_nan(vo[k] + d2 * f2, p.lo, p.hi);
     }
     store_pack<VEC>(out + t.base + i, y);  // in place: out is x_prev, read above for these values only
-  }
-}
-
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
-
-// Calls f(std::integral_constant<int, VEC>) with the widest vector that every pointer allows.
-template <typename T, typename F>
-void with_vector_width(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
-  constexpr int W = 16 / sizeof(T);
-  bool ok = D % W == 0;
-  for (const void* p : ptrs) ok = ok && aligned(p, 16);
-  if (ok) {
-    f(std::integral_constant<int, W>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
   }
 }
 

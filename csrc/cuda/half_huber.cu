@@ -17,36 +17,17 @@
 #include <type_traits>
 
 #include "../half_huber.h"
+#include "common.cuh"
 
 namespace pyadvk {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace cuda;  // common.cuh
 
 template <typename C>
 HalfHuberConsts<C> consts(double delta) {
   return {static_cast<C>(delta), static_cast<C>(delta / 2.0), static_cast<C>(1.0 / delta),
           static_cast<C>(1.0 / (2.0 * delta))};
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T, typename C>
-__device__ __forceinline__ void load_pack(const T* p, C (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<C>(pk.v[k]);
-}
-
-template <int VEC, typename T, typename C>
-__device__ __forceinline__ void store_pack(T* p, const C (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
 // __fmul_rn keeps the compiler from contracting products into fused multiply-adds.
@@ -115,21 +96,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-// Calls launch(VEC-constant) with the widest vector every pointer allows.
-template <typename T, typename F>
-void with_vec(int64_t n, std::initializer_list<const void*> ptrs, const F& launch) {
-  constexpr int kVec = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
-  bool ok = n % kVec == 0;
-  for (const void* p : ptrs) ok = ok && aligned(p, 16);
-  if (ok) {
-    launch(std::integral_constant<int, kVec>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
-}
-
 int64_t blocks_for(int64_t n, int vec) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
   return std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, 65535 * 8));
@@ -158,7 +124,7 @@ at::Tensor forward(const at::Tensor& x, double delta) {
     using C = decltype(c);
     const T* px = static_cast<const T*>(x.data_ptr());
     T* py = static_cast<T*>(y.data_ptr());
-    with_vec<T>(n, {px, py}, [&](auto vec) {
+    with_vector_width<T>(n, {px, py}, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       forward_kernel<T, C, V><<<blocks_for(n, V), kThreads, 0, stream>>>(px, py, n, consts<C>(delta));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -180,7 +146,7 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, double delta) {
     const T* px = static_cast<const T*>(x.data_ptr());
     const T* pg = static_cast<const T*>(grad.data_ptr());
     T* po = static_cast<T*>(out.data_ptr());
-    with_vec<T>(n, {px, pg, po}, [&](auto vec) {
+    with_vector_width<T>(n, {px, pg, po}, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       backward_kernel<T, C, V><<<blocks_for(n, V), kThreads, 0, stream>>>(pg, px, po, n, consts<C>(delta));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -206,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> double_backward(const at::Tensor& gg, const a
     const T* pgg = static_cast<const T*>(gg.data_ptr());
     T* pa = static_cast<T*>(d_grad.data_ptr());
     T* pb = static_cast<T*>(d_x.data_ptr());
-    with_vec<T>(n, {px, pg, pgg, pa, pb}, [&](auto vec) {
+    with_vector_width<T>(n, {px, pg, pgg, pa, pb}, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       double_backward_kernel<T, C, V>
           <<<blocks_for(n, V), kThreads, 0, stream>>>(pgg, pg, px, pa, pb, n, consts<C>(delta));

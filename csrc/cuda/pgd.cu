@@ -6,7 +6,8 @@
 // then an elementwise kernel whose blocks first combine their sample's partials; |d| follows from
 // the three sums, so no second reduction over d is needed (6 reads + 1 write per value). Loads
 // and stores are 16-byte vectors when every pointer is aligned and D is a multiple of the width.
-// No atomics: results are deterministic.
+// No atomics: results are deterministic. min/max/clamp propagate NaN as torch.minimum/maximum/clamp
+// do (common.cuh; fminf/fmaxf would drop it).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,43 +17,12 @@
 #include <cstdint>
 
 #include "../pgd.h"
+#include "common.cuh"
 
 namespace pyadvk {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kTile = 8192;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ void load_pack(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pk.v[k]);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
-
-struct TileInfo {
-  int64_t b, base, n;
-};
-
-__device__ __forceinline__ TileInfo tile_info(int64_t D, int64_t per_sample) {
-  const int64_t tile = blockIdx.x;
-  const int64_t b = tile / per_sample;
-  const int64_t offset = (tile - b * per_sample) * kTile;
-  return {b, b * D + offset, D - offset < kTile ? D - offset : kTile};
-}
+using namespace cuda;  // common.cuh
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -69,37 +39,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float step = vg[k] > 0.f ? a : (vg[k] < 0.f ? -a : 0.f);  // NaN -> no step
-      const float v = fminf(fmaxf(va[k] + step, vo[k] - e), vo[k] + e);
-      y[k] = fminf(fmaxf(v, lo), hi);
+      y[k] = clamp_nan(min_nan(max_nan(va[k] + step, vo[k] - e), vo[k] + e), lo, hi);
     }
     store_pack<VEC>(out + t.base + i, y);
   }
-}
-
-// Sums three values over the block; every thread gets the totals.
-__device__ __forceinline__ void block_sum3(double& a, double& b, double& c) {
-  __shared__ double shared[3][kThreads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, off);
-    b += __shfl_xor_sync(0xffffffffu, b, off);
-    c += __shfl_xor_sync(0xffffffffu, c, off);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    shared[0][warp] = a;
-    shared[1][warp] = b;
-    shared[2][warp] = c;
-  }
-  __syncthreads();
-  a = b = c = 0.0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    a += shared[0][w];
-    b += shared[1][w];
-    c += shared[2][w];
-  }
-  __syncthreads();  // shared may be reused by a later call
 }
 
 template <typename T, int VEC>
@@ -107,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
     l2_reduce_kernel(const T* xa, const T* xo, const T* g, double* partial, int64_t D, int64_t per_sample) {
   // Sums in double: float squares of gradients beyond ~1e19 overflow and below ~1e-19 underflow.
   const TileInfo t = tile_info(D, per_sample);
-  double gg = 0.0, pp = 0.0, pg = 0.0;
+  double s[3] = {0.0, 0.0, 0.0};  // gg, pp, pg
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC];
     load_pack<VEC>(xa + t.base + i, va);
@@ -117,17 +60,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < VEC; ++k) {
       const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
       const double p = static_cast<double>(va[k] - vo[k]);
-      gg += gk * gk;
-      pp += p * p;
-      pg += p * gk;
+      s[0] += gk * gk;
+      s[1] += p * p;
+      s[2] += p * gk;
     }
   }
-  block_sum3(gg, pp, pg);
+  block_sum<3>(s);
   if (threadIdx.x == 0) {
     double* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
-    dst[0] = gg;
-    dst[1] = pp;
-    dst[2] = pg;
+    dst[0] = s[0];
+    dst[1] = s[1];
+    dst[2] = s[2];
   }
 }
 
@@ -137,21 +80,23 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t per_sample, const float* eps_t, float eps, const float* alpha_t, float alpha,
                     float lo, float hi) {
   const TileInfo t = tile_info(D, per_sample);
-  double gg = 0.0, pp = 0.0, pg = 0.0;
+  double sums[3] = {0.0, 0.0, 0.0};  // gg, pp, pg
   for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
     const double* src = partial + 3 * (t.b * per_sample + c);
-    gg += src[0];
-    pp += src[1];
-    pg += src[2];
+    sums[0] += src[0];
+    sums[1] += src[1];
+    sums[2] += src[2];
   }
-  block_sum3(gg, pp, pg);
+  block_sum<3>(sums);
+  const double gg = sums[0], pp = sums[1], pg = sums[2];
   const float e = eps_t ? eps_t[t.b] : eps;
   const float gn = static_cast<float>(sqrt(gg));
   const float a = gn > 0.f ? (alpha_t ? alpha_t[t.b] : alpha) : 0.f;
   const float gdiv = gn > 0.f ? gn : 1.f;
   // |d|^2 = pp + 2 s pg + s^2 gg with s = alpha / |g| (see the file comment).
   const double s = static_cast<double>(a) / gdiv;
-  const double dn = sqrt(fmax(pp + 2.0 * s * pg + s * s * gg, 0.0));
+  const double dd = expanded_square_norm(pp, pg, gg, s);
+  const double dn = sqrt(dd > 0.0 ? dd : 0.0);  // NaN: 0, so f = 1 (no projection)
   const float f = dn > e ? static_cast<float>(e / dn) : 1.f;
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC], y[VEC];
@@ -162,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < VEC; ++k) {
       const float gk = isnan(vg[k]) ? 0.f : vg[k];
       const float d = (va[k] + a * (gk / gdiv)) - vo[k];
-      y[k] = fminf(fmaxf(vo[k] + d * f, lo), hi);
+      y[k] = clamp_nan(vo[k] + d * f, lo, hi);
     }
     store_pack<VEC>(out + t.base + i, y);
   }
@@ -179,12 +124,10 @@ __global__ void __launch_bounds__(kThreads)
     load_pack<VEC>(x + t.base + i, vx);
     load_pack<VEC>(u + t.base + i, vu);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) y[k] = fminf(fmaxf(vx[k] + e * (2.f * vu[k] - 1.f), lo), hi);
+    for (int k = 0; k < VEC; ++k) y[k] = clamp_nan(vx[k] + e * (2.f * vu[k] - 1.f), lo, hi);
     store_pack<VEC>(out + t.base + i, y);
   }
 }
-
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
 struct Launch {
   int64_t D, per_sample;
@@ -197,19 +140,6 @@ Launch plan(const at::Tensor& x) {
   const int64_t per_sample = (D + kTile - 1) / kTile;
   TORCH_CHECK(B * per_sample <= INT32_MAX, "pyadvk: tensor too large for one launch (", x.numel(), " values)");
   return {D, per_sample, dim3(static_cast<unsigned>(B * per_sample)), c10::cuda::getCurrentCUDAStream()};
-}
-
-// Calls f(std::integral_constant<int, VEC>) with the widest vector that every pointer allows.
-template <typename T, typename F>
-void with_vector_width(int64_t D, std::initializer_list<const void*> ptrs, const F& f) {
-  constexpr int W = 16 / sizeof(T);
-  bool ok = D % W == 0;
-  for (const void* p : ptrs) ok = ok && aligned(p, 16);
-  if (ok) {
-    f(std::integral_constant<int, W>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
 }
 
 void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tensor& x_orig,
