@@ -1,8 +1,15 @@
-"""Comparison helpers: tight tolerances, verbose reports of the worst mismatches."""
+"""Helpers shared by the test files: comparisons with tight tolerances and verbose reports of the
+worst mismatches, the runner of a test file on one CPU instruction set, and the random inputs of
+the PGD step (the CPU tests and the GPU tests draw the same cases)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from hypothesis import strategies as st
+
+from pyadvk.ops import pgd as pgd_ops
 
 
 def ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,3 +82,90 @@ def run_on_cpu_isa(isa: str, test_file: str, selection: str, *, threads=(None,))
         )
         assert out.returncode == 0, out.stdout[-4000:]
         assert " passed" in out.stdout, out.stdout[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of the PGD step (tests/test_pgd_ops.py, tests/test_pgd_gpu.py)
+
+PGD_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Shapes no block size divides, a batch of 1, images, flat vectors, one value per sample.
+PGD_SHAPES = st.sampled_from(
+    [
+        (1, 1),
+        (1, 7),
+        (3, 1),
+        (2, 3, 5, 7),
+        (5, 3, 4, 4),
+        (1, 3, 17, 19),
+        (4, 1000),
+        (2, 4100),
+        (3, 2, 3, 4, 5),
+        (7,),
+        (2, 16385),
+    ]
+)
+
+
+def pgd_inputs(shape, dtype, seed, *, nan_grad=False, zero_grad_sample=False, device="cpu"):
+    """[x_adv, x_orig, grad] of ``shape``: x_orig uniform in [0, 1), x_adv within 0.1 of it (in
+    the box), grad normal with 5% zeros (``nan_grad``: 10% NaN; ``zero_grad_sample``: the first
+    sample's gradient all zero). Drawn on the CPU from ``seed``, then moved to ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    x_orig = torch.rand(shape, generator=gen)
+    x_adv = (x_orig + 0.1 * (2 * torch.rand(shape, generator=gen) - 1)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    grad[torch.rand(shape, generator=gen) < 0.05] = 0.0
+    if nan_grad:
+        grad[torch.rand(shape, generator=gen) < 0.1] = math.nan
+    if zero_grad_sample:
+        grad[0] = 0.0
+    return [t.to(dtype=dtype, device=device) for t in (x_adv, x_orig, grad)]
+
+
+def per_sample(value, batch, seed, device="cpu"):
+    """(batch,) float32 values in [0.5, 1.5) * value, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return value * (0.5 + torch.rand(batch, generator=gen)).to(device)
+
+
+# hypothesis strategies of one PGD step case; pgd_step_args(**case) makes its inputs
+pgd_step_cases = dict(
+    shape=PGD_SHAPES,
+    dtype=st.sampled_from(PGD_DTYPES),
+    norm=st.sampled_from(pgd_ops.NORMS),
+    eps=st.sampled_from([0.0, 0.01, 0.05, 0.5, 1e30]),  # 1e30: no projection in effect
+    alpha=st.sampled_from([1e-3, 0.02, 0.3]),
+    per_sample_eps=st.booleans(),
+    per_sample_alpha=st.booleans(),
+    box=st.sampled_from([(0.0, 1.0), (0.2, 0.7), (-math.inf, math.inf)]),
+    nan_grad=st.booleans(),
+    zero_grad_sample=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+def pgd_step_args(
+    shape,
+    dtype,
+    norm,
+    eps,
+    alpha,
+    per_sample_eps,
+    per_sample_alpha,
+    box,
+    nan_grad,
+    zero_grad_sample,
+    seed,
+    device="cpu",
+):
+    """((x_adv, x_orig, grad), keyword arguments of pgd_step) for one case of pgd_step_cases."""
+    x_adv, x_orig, grad = pgd_inputs(
+        shape, dtype, seed, nan_grad=nan_grad, zero_grad_sample=zero_grad_sample, device=device
+    )
+    batch = shape[0]
+    if per_sample_eps:
+        eps = per_sample(eps, batch, seed, device)
+    if per_sample_alpha:
+        alpha = per_sample(alpha, batch, seed + 7, device)
+    return (x_adv, x_orig, grad), dict(eps=eps, alpha=alpha, norm=norm, lower=box[0], upper=box[1])
