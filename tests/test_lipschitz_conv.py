@@ -220,3 +220,24 @@ def test_bad_input():
         conv_operator_norm(conv, (3, 8, 8), 1, weight=torch.randn(4, 3, 2, 2))
     with pytest.raises(ValueError, match=r"weight must have at least 3 dim\(s\)"):
         conv_operator_norm(conv, (3, 8, 8), 1, weight=torch.randn(4, 27))
+
+
+def test_cold_start_generator_and_huge_kernels():
+    """conv_operator_norm's cold start is drawn from generator= (the same seed, the same σ); a
+    kernel of 1e30 entries gives 1e30 times its norm (float64 norms), a NaN kernel NaN when
+    check_values=False (never a finite σ)."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    a, _ = conv_operator_norm(conv, (2, 6, 6), 5, generator=torch.Generator().manual_seed(3))
+    b, _ = conv_operator_norm(conv, (2, 6, 6), 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    state = ConvNormState.random((2, 6, 6), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(state.v.norm(), torch.tensor(1.0))
+    exact = true_norm(conv, (2, 6, 6))
+    big = conv.weight.detach() * 1e30
+    sigma, _ = conv_operator_norm(conv, (2, 6, 6), 300, weight=big)
+    assert abs(float(sigma) / 1e30 - exact) <= 2e-3 * exact, (float(sigma), exact)
+    bad = conv.weight.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    sigma, _ = conv_operator_norm(conv, (2, 6, 6), 3, weight=bad, check_values=False)
+    assert sigma.isnan()

@@ -288,3 +288,73 @@ def test_bad_input():
         spectral_norm(nn.ConvTranspose2d(3, 4, 3), input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="BatchNorm '1' keeps no running statistics"):
         lipschitz_bound(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)), (3, 4, 4))
+
+
+def _conv_net(seed: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+
+
+@pytest.mark.parametrize("method", ["power", "reshaped"])
+def test_cold_starts_are_seeded(method):
+    """spectral_norms and lipschitz_bound start cold from generator= (the same seed, the same
+    norms; another seed, other norms after 2 iterations); a given state carries its own."""
+    model = _conv_net()
+
+    def norms(seed, model=model):
+        clear_state(model)
+        return spectral_norms(model, (2, 5, 5), method, 2, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = norms(1), norms(1), norms(2)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    clear_state(model)
+    bound = lipschitz_bound(model, (2, 5, 5), method, 2, generator=torch.Generator().manual_seed(1))
+    clear_state(model)
+    assert torch.equal(bound, lipschitz_bound(model, (2, 5, 5), method, 2, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="a SpectralNormState carries its own generator"):
+        spectral_norms(model, (2, 5, 5), method, state=SpectralNormState(), generator=torch.Generator())
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        SpectralNormState(3)
+
+
+def test_penalty_generator():
+    """LipschitzPenalty draws its start vectors from generator= when given (else from seed)."""
+    model = _conv_net()
+    for method in ("reshaped", "power"):
+        a = LipschitzPenalty(model, (2, 5, 5), method=method, generator=torch.Generator().manual_seed(7), init_iters=0)
+        b = LipschitzPenalty(model, (2, 5, 5), method=method, generator=torch.Generator().manual_seed(7), init_iters=0)
+        c = LipschitzPenalty(model, (2, 5, 5), method=method, seed=7, init_iters=0)
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]) and torch.equal(value, c.state_dict()[key]), key
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        LipschitzPenalty(model, (2, 5, 5), generator=7)
+
+
+@pytest.mark.parametrize("method", ["power", "reshaped", "gram"])
+def test_check_values_false_gives_nan_not_a_number(method):
+    """Without the value check (no host sync) a non-finite layer's σ is NaN or inf, never finite;
+    the other layers keep their norms."""
+    model = _conv_net()
+    with torch.no_grad():
+        model[0].weight.view(-1)[3] = float("nan")
+    out = spectral_norms(model, (2, 5, 5), method, 3, check_values=False)
+    assert not torch.isfinite(out["0"]), out
+    assert torch.isfinite(out["3"]) and out["3"] > 0
+
+
+@pytest.mark.parametrize("method", ["power", "reshaped"])
+def test_huge_and_tiny_weights(method):
+    """Weights scaled by 2^±100 (~1e±30) give the norms scaled by 2^±100 (the norms are float64:
+    float32 squares overflow or underflow at these magnitudes and used to give 0)."""
+    model = _conv_net()
+    base = spectral_norms(model, (2, 5, 5), method, 4, state=SpectralNormState(torch.Generator().manual_seed(0)))
+    for k in (100, -100):
+        scaled = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in scaled.parameters():
+                p.mul_(2.0**k)
+        out = spectral_norms(scaled, (2, 5, 5), method, 4, state=SpectralNormState(torch.Generator().manual_seed(0)))
+        for name in base:
+            torch.testing.assert_close(out[name], base[name] * 2.0**k, rtol=1e-6, atol=0, msg=f"{name} 2^{k}")

@@ -64,15 +64,26 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
-    """Raises ValueError when ``weight`` holds NaN or inf: no norm and no bound is defined then,
-    and the power and Gram iterations would otherwise read NaN as zero and report 0 (one host
-    sync; used by the reporting functions, not by the training-time penalty)."""
-    if not bool(torch.isfinite(weight.detach()).all()):
-        bad = int((~torch.isfinite(weight.detach())).sum())
-        raise ValueError(
-            f"{name} has {bad} non-finite value(s) (NaN or inf): its norm and any Lipschitz bound are "
-            "undefined (was the training diverging?)"
-        )
+    """Raises ValueError when ``weight`` holds NaN or inf: no norm and no bound is defined then
+    (one host sync; used by the reporting functions, which offer ``check_values=False``; without
+    the check every body gives NaN for such a weight, never a finite norm)."""
+    check_all_finite([(name, weight)])
+
+
+def check_all_finite(named: list[tuple[str, torch.Tensor]]) -> None:
+    """:func:`check_finite` for many tensors with one host sync per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, w in named:
+        by_device.setdefault(w.device, []).append((name, w.detach()))
+    for group in by_device.values():
+        ok = torch.stack([torch.isfinite(w).all() for _, w in group]).tolist()
+        for (name, w), good in zip(group, ok):
+            if not good:
+                bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(
+                    f"{name} has {bad} non-finite value(s) (NaN or inf): its norm and any Lipschitz bound "
+                    "are undefined (was the training diverging?)"
+                )
 
 
 def _check_conv(name: str, conv) -> nn.Module:
@@ -185,8 +196,13 @@ def adjoint(conv: nn.Module, u: torch.Tensor, weight: torch.Tensor, x_shape) -> 
 
 
 def _normalize(t: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = t.norm()
-    return torch.where(n > 0, t / torch.where(n > 0, n, 1.0), fallback), n
+    """(t / ||t||, ||t|| as float32) with the norm and the division in float64, so entries up to
+    float32's max neither overflow nor underflow (1e-30); ``fallback`` when ||t|| = 0, NaN when
+    ||t|| is NaN or inf (a non-finite kernel: never a finite σ)."""
+    n = torch.linalg.vector_norm(t, dtype=torch.float64)
+    ok = (n > 0) & torch.isfinite(n)
+    unit = (t.double() / torch.where(ok, n, 1.0)).to(t.dtype)
+    return torch.where(ok, unit, torch.where(n == 0, fallback, math.nan)), n.float()
 
 
 @dataclass
@@ -201,8 +217,13 @@ class ConvNormState:
 
     @classmethod
     def random(cls, input_shape, *, device=None, generator: torch.Generator | None = None) -> ConvNormState:
-        v = torch.randn((1, *input_shape), generator=generator, device=device)
-        return cls(v / v.norm())
+        """A random unit ``v``, drawn on the generator's device (CPU without one) and moved to
+        ``device``: the same seed gives the same start on every device."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        source = generator.device if generator is not None else torch.device("cpu")
+        v = torch.randn((1, *input_shape), generator=generator, device=source)
+        return cls((v / v.norm()).to(device))
 
 
 def power_step(conv: nn.Module, weight: torch.Tensor, v: torch.Tensor, n_iters: int):
@@ -228,6 +249,7 @@ def conv_operator_norm(
     *,
     weight: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, ConvNormState]:
     """The spectral norm of ``conv`` (without bias) on inputs of ``input_shape``, by power iteration.
 
@@ -238,6 +260,10 @@ def conv_operator_norm(
         state: a :class:`ConvNormState` returned by an earlier call (warm start), or None for a
             random start (from ``generator``).
         weight: use this kernel instead of ``conv.weight`` (same shape).
+        generator: the random source of a cold start (``state=None``); the same seed gives the
+            same start on every device. Default: torch's global RNG.
+        check_values: raise a ValueError for a NaN or inf in the kernel (one host sync); with
+            False such a kernel gives σ = NaN.
 
     Returns:
         ``(sigma, state)``: a float32 0-dim tensor (a lower estimate that converges to the norm;
@@ -254,7 +280,8 @@ def conv_operator_norm(
             raise ValueError(
                 f"weight must have the shape of conv.weight {tuple(conv.weight.shape)}, got {tuple(weight.shape)}"
             )
-    check_finite("weight" if weight is not None else "conv.weight", w)
+    if check_values:
+        check_finite("weight" if weight is not None else "conv.weight", w)
     if state is None:
         state = ConvNormState.random(shape, device=w.device, generator=generator)
     elif not isinstance(state, ConvNormState):
@@ -363,7 +390,12 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.
 
 
 def conv_norm_bound(
-    conv: nn.Module, input_shape, n_iters: int = 6, *, weight: torch.Tensor | None = None
+    conv: nn.Module,
+    input_shape,
+    n_iters: int = 6,
+    *,
+    weight: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """A certified upper bound on the spectral norm of ``conv`` (without bias) on ``input_shape``.
 
@@ -371,13 +403,15 @@ def conv_norm_bound(
     grid of :func:`circulant_plan`; no convolution of an input-sized tensor is run. The bound is
     exact up to the Gram slack for circular padding with output size = input size and stride 1;
     see the module docstring for the other cases. Float32 (complex64) arithmetic: certified up to
-    float32 rounding. Returns a float32 0-dim tensor.
+    float32 rounding. Returns a float32 0-dim tensor. ``check_values``: raise a ValueError for a
+    NaN or inf in the kernel (one host sync); with False such a kernel gives NaN or inf.
     """
     _check_conv("conv", conv)
     shape = check_input_shape(conv, input_shape)
     n_iters = _checks.integer("n_iters", n_iters, low=1)
     w = conv.weight if weight is None else weight
-    check_finite("weight" if weight is not None else "conv.weight", w)
+    if check_values:
+        check_finite("weight" if weight is not None else "conv.weight", w)
     grid, factor = circulant_plan(conv, shape[1:])
     spec = kernel_spectrum(w, conv.groups, conv.dilation, grid)
     return (factor * gram_bound(spec, n_iters).max()).float()

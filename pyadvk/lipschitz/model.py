@@ -50,7 +50,7 @@ from torch import nn
 from pyadvk import _checks
 from pyadvk.lipschitz import conv as conv_norms
 from pyadvk.ops import power_iteration as _power_iteration_fn  # the function
-from pyadvk.ops.power_iteration import as_matrix
+from pyadvk.ops.power_iteration import as_matrix, random_unit_vectors
 
 METHODS = ("power", "gram", "reshaped")
 LAYERS = (nn.Linear,) + conv_norms.CONVS
@@ -123,9 +123,12 @@ def _check_shape(input_shape) -> tuple[int, ...]:
 class SpectralNormState:
     """Warm-start state of :func:`spectral_norms`: per layer name, the left singular vector of
     the weight matrix (``us``) and, for convolutions under ``"power"``, a
-    :class:`~pyadvk.lipschitz.conv.ConvNormState`. ``generator`` seeds the first start."""
+    :class:`~pyadvk.lipschitz.conv.ConvNormState`. ``generator`` draws the cold starts (random
+    unit vectors, the same on every device for one seed; default: torch's global RNG)."""
 
     def __init__(self, generator: torch.Generator | None = None):
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.us: dict[str, torch.Tensor] = {}
         self.convs: dict[str, conv_norms.ConvNormState] = {}
         self.generator = generator
@@ -133,7 +136,7 @@ class SpectralNormState:
     def u_for(self, name: str, w: torch.Tensor) -> torch.Tensor:
         u = self.us.get(name)
         if u is None or u.shape != (w.shape[0],) or u.device != w.device:
-            u = torch.randn(w.shape[0], generator=self.generator).to(w.device)
+            u = random_unit_vectors([w.shape[0]], w.device, self.generator)[0]
         return u
 
 
@@ -168,6 +171,8 @@ def spectral_norms(
     n_iters: int | None = None,
     *,
     state: SpectralNormState | None = None,
+    generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> OrderedDict[str, torch.Tensor]:
     """Layer name -> σ (float32 0-dim tensor) for every Linear and Conv layer of ``model``.
 
@@ -178,13 +183,20 @@ def spectral_norms(
         method: ``"power"`` (true norms, power iteration), ``"gram"`` (certified upper bounds)
             or ``"reshaped"`` (norms of the reshaped kernels); see the module docstring.
         n_iters: power iterations this call (default 20) or Gram steps (default 6).
-        state: warm-start state to use and update; default: the model's cached state.
+        state: warm-start state to use and update; default: the model's cached state (created
+            at the first call, a cold start from ``generator``).
+        generator: the random source of a cold start (``state=None`` and nothing cached yet):
+            the same seed gives the same norms on every device and body. Default: torch's global
+            RNG. A :class:`SpectralNormState` carries its own.
+        check_values: raise a ValueError naming the layer for a NaN or inf weight (one host sync
+            per call); with False no check runs (no host sync with a warm state: a training step
+            can call it, and it can be captured in a CUDA graph) and such a layer's σ is NaN.
     """
     method = _checks.choice("method", method, METHODS)
     n_iters = _checks.integer("n_iters", DEFAULT_ITERS[method] if n_iters is None else n_iters, low=1)
     layers = layers_of(model)
-    for name, m in layers:
-        conv_norms.check_finite(f"layer {name!r}'s weight", m.weight)
+    if check_values:
+        conv_norms.check_all_finite([(f"layer {name!r}'s weight", m.weight) for name, m in layers])
     has_conv = any(isinstance(m, conv_norms.CONVS) for _, m in layers)
     shapes = {}
     if has_conv and method != "reshaped":
@@ -195,9 +207,14 @@ def spectral_norms(
         shapes = input_shapes(model, input_shape)
     if state is None:
         key = (method, None if input_shape is None else tuple(input_shape))
-        state = _CACHE.setdefault(model, {}).setdefault(key, SpectralNormState())
+        cached = _CACHE.setdefault(model, {})
+        if key not in cached:
+            cached[key] = SpectralNormState(generator)
+        state = cached[key]
     elif not isinstance(state, SpectralNormState):
         raise TypeError(f"state must be a SpectralNormState or None, got {type(state).__name__}")
+    elif generator is not None:
+        raise ValueError("generator seeds a cold start (state=None); a SpectralNormState carries its own generator")
     out: dict[str, torch.Tensor] = {}
     if method == "reshaped":
         out = _matrix_norms([(n, m.weight) for n, m in layers], state, n_iters)
@@ -213,6 +230,7 @@ def spectral_norms(
                     n_iters,
                     state.convs.get(name) if _fits(state.convs.get(name), shapes[m]) else None,
                     generator=state.generator,
+                    check_values=False,  # checked above for every layer at once (or not asked)
                 )
                 out[name] = sigma
     else:
@@ -222,7 +240,7 @@ def spectral_norms(
             else:
                 if m not in shapes:
                     raise ValueError(f"layer {name!r} is not used by the model's forward: no input shape")
-                out[name] = conv_norms.conv_norm_bound(m, shapes[m], n_iters)
+                out[name] = conv_norms.conv_norm_bound(m, shapes[m], n_iters, check_values=False)
     return OrderedDict((n, out[n]) for n, _ in layers)
 
 
@@ -376,13 +394,15 @@ def lipschitz_bound(
     n_iters: int | None = None,
     *,
     state: SpectralNormState | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """An upper bound on the 2-norm Lipschitz constant of ``model``'s eval-mode function on
     inputs of ``input_shape`` (no batch dim), from per-layer norms and the rules of the module
     docstring. ``method="gram"`` (default) makes the bound certified; ``"power"`` uses
     converging lower estimates of each layer norm (a close estimate of the same product, not
     certified); ``"reshaped"`` uses the reshaped-kernel norms, which are not convolution norms (for
-    comparison only). Returns a float32 0-dim tensor.
+    comparison only). Returns a float32 0-dim tensor. ``state`` and ``generator`` are those of
+    :func:`spectral_norms` (the warm start of the power methods, and the seed of a cold one).
 
     Cost: ``"gram"`` does ``#frequencies × C³`` work per Gram step and layer (114 s for a CIFAR
     ResNet-18 on a loaded 2-core CPU, see benchmarks/README.md); ``"power"`` one convolution and
@@ -391,6 +411,6 @@ def lipschitz_bound(
     shape = _check_shape(input_shape)
     names = dict(layers_of(model))
     shapes = input_shapes(model, shape)
-    by_name = spectral_norms(model, shape, method, n_iters, state=state)
+    by_name = spectral_norms(model, shape, method, n_iters, state=state, generator=generator)
     norms = {names[n]: s for n, s in by_name.items()}
     return _bound(model, "", norms, shapes)

@@ -53,6 +53,8 @@ class LipschitzPenalty(nn.Module):
             ``"power"`` (true operator norms of convolutions).
         init_iters: iterations run at construction so the first σ is already accurate.
         seed: seed of the start vectors (identical on every rank).
+        generator: draw the start vectors from this generator instead of one seeded with
+            ``seed`` (drawn on its device, then moved to the weights').
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class LipschitzPenalty(nn.Module):
         *,
         init_iters: int = 20,
         seed: int = 0,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.kind = _checks.choice("kind", kind, KINDS)
@@ -77,7 +80,9 @@ class LipschitzPenalty(nn.Module):
         self._layers = layers  # a plain list: the model's parameters are not registered here
         self._matrix = [(n, m) for n, m in layers if self.method == "reshaped" or isinstance(m, nn.Linear)]
         self._convs = [(n, m) for n, m in layers if (n, m) not in self._matrix]
-        gen = torch.Generator().manual_seed(seed)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gen = generator if generator is not None else torch.Generator().manual_seed(_checks.integer("seed", seed))
         shapes = {}
         if self._convs:
             if input_shape is None:
@@ -85,7 +90,8 @@ class LipschitzPenalty(nn.Module):
             shapes = input_shapes(model, input_shape)
         for n, m in self._matrix:
             w = m.weight
-            self.register_buffer(_buffer_name("u", n), torch.randn(w.shape[0], generator=gen).to(w.device))
+            u = torch.randn(w.shape[0], generator=gen, device=gen.device)
+            self.register_buffer(_buffer_name("u", n), u.to(w.device))
             self.register_buffer(_buffer_name("v", n), torch.zeros(as_matrix("weight", w).shape[1], device=w.device))
         self._conv_shapes = {}
         for n, m in self._convs:
@@ -93,7 +99,7 @@ class LipschitzPenalty(nn.Module):
                 raise ValueError(f"layer {n!r} is not used by the model's forward: no input shape")
             shape = conv_norms.check_input_shape(m, shapes[m], layer=n)
             self._conv_shapes[n] = shape
-            v = torch.randn((1, *shape), generator=gen)
+            v = torch.randn((1, *shape), generator=gen, device=gen.device)
             self.register_buffer(_buffer_name("v", n), (v / v.norm()).to(m.weight.device))
             out = conv_norms.output_spatial(m, shape[1:])
             self.register_buffer(_buffer_name("u", n), torch.zeros((1, m.out_channels, *out), device=m.weight.device))
