@@ -1,11 +1,14 @@
-"""Triton bodies of the Half-Huber ReLU ops (pyadvk/ops/half_huber.py defines them).
+"""Triton bodies of the Half-Huber ReLU ops (pyadvk/ops/half_huber.py defines them):
+``pyadvk::half_huber_relu_triton``, ``half_huber_relu_backward_triton`` and
+``half_huber_relu_double_backward_triton``.
 
 Elementwise over numel values in memory order (every operand shares x's dense layout), BLOCK values
-per program, int64 offsets. The constants (delta, delta/2, 1/delta, 1/(2 delta)) are computed on the
-host in double and cast to float32 inside the kernel, and the formulas keep the reference's order,
-so results match the other bodies. Float64 tensors (used for gradcheck) are computed by the torch
-reference inside these ops: Triton passes Python float arguments as float32, so the kernels could
-not see the float64 constants. Registered with torch.library.triton_op (torch.compile sees through them), with the same
+per program (autotuned per size class, kernels/_common.py), int64 offsets, launched on x's device.
+The constants (delta, delta/2, 1/delta, 1/(2 delta)) are computed on the host in double and cast to
+float32 inside the kernel, and the formulas keep the reference's order, so results match the other
+bodies. Float64 tensors (used for gradcheck) are computed by the torch reference inside these ops:
+Triton passes Python float arguments as float32, so the kernels could not see the float64
+constants. Registered with torch.library.triton_op (torch.compile sees through them), with the same
 autograd formulas as the compiled ops.
 """
 
@@ -16,9 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pyadvk.kernels._common import ELEMENTWISE_CONFIGS, benchmark, on_device_of, size_class
 from pyadvk.ops import half_huber as ops
 
-_BLOCK = 1024
+_AUTOTUNE = dict(configs=ELEMENTWISE_CONFIGS, key=["size_class"], do_bench=benchmark)
 
 
 @triton.jit
@@ -42,8 +46,9 @@ def _slope_times(g, v, delta, invd):
     return tl.where(v >= delta, g, tl.where(v <= 0.0, 0.0, g * (v * invd)))
 
 
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, n, delta, half, inv2d, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, y_ptr, n, delta, half, inv2d, size_class, BLOCK: tl.constexpr):
     offs, mask = _offsets(n, BLOCK)
     v = _load(x_ptr, offs, mask)
     d = _const(delta)
@@ -51,8 +56,9 @@ def _forward_kernel(x_ptr, y_ptr, n, delta, half, inv2d, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _backward_kernel(g_ptr, x_ptr, out_ptr, n, delta, invd, BLOCK: tl.constexpr):
+def _backward_kernel(g_ptr, x_ptr, out_ptr, n, delta, invd, size_class, BLOCK: tl.constexpr):
     offs, mask = _offsets(n, BLOCK)
     v = _load(x_ptr, offs, mask)
     g = _load(g_ptr, offs, mask)
@@ -60,8 +66,9 @@ def _backward_kernel(g_ptr, x_ptr, out_ptr, n, delta, invd, BLOCK: tl.constexpr)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _double_backward_kernel(gg_ptr, g_ptr, x_ptr, a_ptr, b_ptr, n, delta, invd, BLOCK: tl.constexpr):
+def _double_backward_kernel(gg_ptr, g_ptr, x_ptr, a_ptr, b_ptr, n, delta, invd, size_class, BLOCK: tl.constexpr):
     offs, mask = _offsets(n, BLOCK)
     v = _load(x_ptr, offs, mask)
     g = _load(g_ptr, offs, mask)
@@ -74,8 +81,8 @@ def _double_backward_kernel(gg_ptr, g_ptr, x_ptr, a_ptr, b_ptr, n, delta, invd, 
     tl.store(b_ptr + offs, b.to(b_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
+def _grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
 
 
 @triton_op("pyadvk::half_huber_relu_triton", mutates_args=())
@@ -86,7 +93,8 @@ def half_huber_relu_triton(x: torch.Tensor, delta: float) -> torch.Tensor:
     n = x.numel()
     if n:
         d, half, _, inv2d = ops.constants(delta)
-        wrap_triton(_forward_kernel)[_grid(n)](x, y, n, d, half, inv2d, BLOCK=_BLOCK)
+        with on_device_of(x):
+            wrap_triton(_forward_kernel)[_grid(n)](x, y, n, d, half, inv2d, size_class(n))
     return y
 
 
@@ -98,7 +106,8 @@ def half_huber_relu_backward_triton(grad: torch.Tensor, x: torch.Tensor, delta: 
     n = x.numel()
     if n:
         d, _, invd, _ = ops.constants(delta)
-        wrap_triton(_backward_kernel)[_grid(n)](grad, x, out, n, d, invd, BLOCK=_BLOCK)
+        with on_device_of(x):
+            wrap_triton(_backward_kernel)[_grid(n)](grad, x, out, n, d, invd, size_class(n))
     return out
 
 
@@ -113,7 +122,8 @@ def half_huber_relu_double_backward_triton(
     n = x.numel()
     if n:
         d, _, invd, _ = ops.constants(delta)
-        wrap_triton(_double_backward_kernel)[_grid(n)](gg, grad, x, d_grad, d_x, n, d, invd, BLOCK=_BLOCK)
+        with on_device_of(x):
+            wrap_triton(_double_backward_kernel)[_grid(n)](gg, grad, x, d_grad, d_x, n, d, invd, size_class(n))
     return d_grad, d_x
 
 
