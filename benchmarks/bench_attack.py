@@ -6,7 +6,7 @@ Rows per model (``impl``):
 - ``floor``: 10 bare forward + input-gradient backward passes on the same batch, nothing else;
   the cost no PGD-10 implementation can go below. Each attack row reports its overhead over it.
 - ``torchattacks-reimpl``: torchattacks' PGD loop re-implemented with plain torch ops
-  (:func:`pyadvk.baselines.torchattacks_pgd`: fresh leaf each step, 5-op unfused update).
+  (:func:`benchmarks.baselines.torchattacks_pgd`: fresh leaf each step, 5-op unfused update).
 - ``pyadvk``: :class:`pyadvk.attacks.PGD` in exact fp32 mode (fused in-place step).
 - ``pyadvk-fast``: the same with channels_last and bf16 autocast, plus CUDA-graph capture on a
   GPU. Its robust accuracy is reported beside the fp32 one.
@@ -32,8 +32,9 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import baselines
 from benchmarks.conftest import DEVICE, QUICK, impls, record, run_benchmark, sizes
-from pyadvk import baselines, models
+from pyadvk import models
 from pyadvk.attacks import PGD
 
 GPU = DEVICE.type == "cuda"

@@ -1,5 +1,5 @@
 """pgd_step (linf, l2): every body vs the unfused op chain torchattacks runs (re-implemented in
-pyadvk.baselines) vs torch.compile of the torch body, from a CIFAR batch to an ImageNet batch.
+benchmarks/baselines.py) vs torch.compile of the torch body, from a CIFAR batch to an ImageNet batch.
 
 Run: ``pyadvk bench --ops pgd_step`` (or ``pytest benchmarks/bench_pgd_step.py
 --benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). Every row carries
@@ -15,8 +15,8 @@ import functools
 import pytest
 import torch
 
+from benchmarks import baselines
 from benchmarks.conftest import DEVICE, impls, record, run_benchmark, sizes
-from pyadvk import baselines
 from pyadvk.ops import pgd as pgd_ops
 
 SIZES = {

@@ -10,7 +10,13 @@ Selection (set by ``pyadvk bench``, or by hand for a plain ``pytest benchmarks/.
   ``triton``, ``cpp``, ``torch`` and the baselines ``unfused``, ``compile``, ``loop``, ...);
   the baselines that speedups are computed against (``unfused``, ``loop``, ``composite``,
   ``floor``, ``torchattacks-reimpl``) are always kept;
-- ``PYADVK_BENCH_QUICK=1``: the smallest size of each file and fewer rounds (a smoke run).
+- ``PYADVK_BENCH_QUICK=1``: the smallest size of each file and fewer rounds (a smoke run);
+- ``PYADVK_BENCH_COMPILE``: ``1`` keeps the ``torch.compile`` rows, ``0`` drops them (default:
+  kept when ``compile`` is among the requested backends; without a backend list, kept in a full
+  run and dropped in a quick one);
+- ``PYADVK_BENCH_EVENTS``: a file to which every collected and finished row is appended as one
+  JSON line (its op, implementation, size, outcome and, for a skipped row, the reason): how
+  ``pyadvk bench`` shows progress and says which requested rows could not run and why.
 
 Timing: on CUDA each call is timed with CUDA events (after warm-up), on CPU with
 ``time.perf_counter``; both rotate over enough input buffers that caches do not flatter small
@@ -19,20 +25,35 @@ sizes. Every row reports the median and the 20th/80th percentiles of the per-cal
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
 import torch
 
+from benchmarks.report import BASELINES
+
 DEVICE = torch.device(os.environ.get("PYADVK_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 QUICK = os.environ.get("PYADVK_BENCH_QUICK", "0") == "1"
-BASELINES = ("unfused", "loop", "composite", "floor", "torchattacks-reimpl")
+# Every implementation name the imported bench_*.py files declared through impls(), whether this
+# run selects it or not (``pyadvk bench`` checks --backends against it).
+DECLARED: set[str] = set()
 
 
 def _env_list(name: str) -> list[str] | None:
     value = os.environ.get(name, "").strip()
     return [v.strip() for v in value.split(",") if v.strip()] or None
+
+
+def _compile_rows() -> bool:
+    """Whether the torch.compile rows run: PYADVK_BENCH_COMPILE if set, else whether ``compile``
+    is among the requested backends, else in a full run but not in a quick one."""
+    value = os.environ.get("PYADVK_BENCH_COMPILE", "").strip()
+    if value:
+        return value == "1"
+    chosen = _env_list("PYADVK_BENCH_BACKENDS")
+    return "compile" in chosen if chosen is not None else not QUICK
 
 
 def sizes(all_sizes: dict) -> list[str]:
@@ -47,11 +68,13 @@ def sizes(all_sizes: dict) -> list[str]:
 
 
 def impls(all_impls: list[str]) -> list[str]:
-    """The implementations of ``all_impls`` that this run measures (baselines always kept)."""
+    """The implementations of ``all_impls`` that this run measures: those requested (all by
+    default) plus the baselines speedups are computed against; ``compile`` only when
+    :func:`_compile_rows` says so."""
+    DECLARED.update(all_impls)
     chosen = _env_list("PYADVK_BENCH_BACKENDS")
-    if chosen is None:
-        return list(all_impls)
-    return [i for i in all_impls if i in chosen or i in BASELINES]
+    compiled = _compile_rows()
+    return [i for i in all_impls if (compiled if i == "compile" else chosen is None or i in chosen or i in BASELINES)]
 
 
 def sync() -> None:
@@ -207,3 +230,42 @@ def record(
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return DEVICE
+
+
+# --------------------------------------------------------------------------------------------
+# The event log pyadvk bench reads (PYADVK_BENCH_EVENTS)
+
+
+def _event(**fields) -> None:
+    path = os.environ.get("PYADVK_BENCH_EVENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def pytest_collection_finish(session) -> None:
+    _event(event="collected", n=len(session.items))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    # One event per row: at setup when it ends there (skipped or an error), else after the call.
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        _event(
+            event="row",
+            file=item.path.stem,
+            test=item.name,
+            impl=params.get("impl"),
+            size=params.get("size"),
+            outcome=report.outcome,
+            reason=_skip_reason(report) if report.skipped else None,
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pyadvk.cli.bench import rows_from_pytest, table
+from benchmarks.report import rows_from_pytest, table
 
 
 def main() -> None:

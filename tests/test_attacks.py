@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyadvk import baselines
+from benchmarks import baselines
 from pyadvk.attacks import FGSM, PGD, PGDL2
 from pyadvk.ops import pgd as pgd_ops
 from tests.conftest import available

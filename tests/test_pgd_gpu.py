@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from pyadvk import baselines
+from benchmarks import baselines
 from pyadvk.attacks import PGD, PGDL2
 from pyadvk.ops import pgd as pgd_ops
 from pyadvk.ops import pgd_step, pgd_step_, random_init

@@ -1,4 +1,5 @@
-"""Re-implementations of what the peer libraries run, for tests and benchmarks (one place).
+"""Re-implementations of what the peer libraries run, for the benchmarks and the tests (one place;
+not part of the installed package).
 
 These are the unfused op chains of torchattacks (v3.5) written out with plain torch ops, and its
 attack loops, so pyadvk can be checked against them and timed against them without depending on
