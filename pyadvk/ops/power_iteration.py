@@ -82,8 +82,11 @@ def power_iteration_reference(
     for w, u0 in zip(weights, u.split([w.shape[0] for w in weights])):
         w, u0 = w.detach().float(), u0.detach().float()
         # A NaN or inf anywhere in W or u gives σ = NaN whatever torch.mv does with it (BLAS may
-        # skip the columns of zero entries of u, dropping a NaN times zero).
-        finite = torch.isfinite(w).all() & torch.isfinite(u0).all()
+        # skip the columns of zero entries of u, dropping a NaN times zero). Wᵀ(2⁻⁶⁴·1) touches
+        # every entry and cannot overflow for finite W (|entries| · 2⁻⁶⁴ < 2⁶⁵), so its sum is
+        # finite exactly when W is; one matvec, where isfinite(W).all() costs several passes.
+        probe = torch.mv(w.t(), u0.new_full((w.shape[0],), 2.0**-64)).sum(dtype=torch.float64)
+        finite = torch.isfinite(probe + u0.sum(dtype=torch.float64))
         vec = u0
         sigma = u0.new_zeros(())
         v = w.new_zeros(w.shape[1])
