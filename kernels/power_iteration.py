@@ -183,7 +183,7 @@ def _normalize_u_kernel(u_ptr, t_ptr, meta_ptr, partial_ptr, sigma_ptr, META: tl
 class _Plan:
     """The offset tables of one set of weights, in one int64 tensor on their device."""
 
-    def __init__(self, shapes: list[tuple[int, int]], w_offsets: list[int], device: torch.device):
+    def __init__(self, shapes: list[tuple[int, int]], w_offsets: list[int], device: torch.device, *, traced: bool):
         meta, col, row, tiles = [], [], [], []
         u_total = v_total = part_total = 0
         for i, ((m, n), w_off) in enumerate(zip(shapes, w_offsets)):
@@ -202,12 +202,12 @@ class _Plan:
             u_total, v_total, part_total = u_total + m, v_total + n, part_total + n * chunks
         self.n_col, self.n_row, self.n_tiles = len(col) // 3, len(row) // 3, len(tiles) // 3
         self.u_total, self.v_total, self.part_total = u_total, v_total, part_total
-        host = torch.tensor(meta + col + row + tiles, dtype=torch.int64)
-        if device.type == "cuda":  # pinned memory, non-blocking copy: no host synchronization
-            table = torch.empty(host.shape, dtype=torch.int64, device=device)
-            table.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            table = host.to(device)
+        data = meta + col + row + tiles
+        if device.type == "cuda" and not traced:  # pinned memory, non-blocking copy: no host sync
+            table = torch.empty(len(data), dtype=torch.int64, device=device)
+            table.copy_(torch.tensor(data, dtype=torch.int64).pin_memory(), non_blocking=True)
+        else:  # (traced: a constant of the graph)
+            table = torch.tensor(data, dtype=torch.int64, device=device)
         ends = [len(meta), len(meta) + len(col), len(meta) + len(col) + len(row)]
         self.meta, self.col, self.row, self.tiles = table.tensor_split(ends)
 
@@ -239,7 +239,7 @@ def _eager_plan(weights: list[torch.Tensor]) -> _Plan | None:
             "building one copies a table to the device, which cannot happen during CUDA graph capture: call it "
             "once with the same weights before capturing"
         )
-    plan = _Plan([tuple(w.shape) for w in weights], [(w.data_ptr() - base) // size for w in weights], dev)
+    plan = _Plan([tuple(w.shape) for w in weights], [(w.data_ptr() - base) // size for w in weights], dev, traced=False)
     _PLANS[key] = plan
     if len(_PLANS) > CACHE_ENTRIES:
         _PLANS.popitem(last=False)
@@ -257,13 +257,14 @@ def power_iteration_packed_triton(
     weights: list[torch.Tensor], u: torch.Tensor, n_iters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = weights[0].device
-    plan = None if _traced(weights) else _eager_plan(weights)
+    traced = _traced(weights)
+    plan = None if traced else _eager_plan(weights)
     if plan is None:  # traced, or misaligned weights: one packed buffer
         w = torch.cat([x.reshape(-1) for x in weights])
         offsets = [0]
         for x in weights[:-1]:
             offsets.append(offsets[-1] + x.numel())
-        plan = _Plan([tuple(x.shape) for x in weights], offsets, dev)
+        plan = _Plan([tuple(x.shape) for x in weights], offsets, dev, traced=traced)
     else:
         w = weights[0]
     with _device_context(dev):
