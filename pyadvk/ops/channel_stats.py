@@ -6,17 +6,25 @@
 flat spatial position in row-major order of ``spatial``, whatever the memory layout):
 
 * ``nan_count``: NaN values; every other statistic leaves them out.
-* ``count``: the non-NaN values seen.
+* ``count``: the non-NaN values seen (±inf included).
 * ``mean``, ``m2`` (float64): mean and sum of squared deviations, combined over batches and
   blocks with Chan's parallel formula ``M2 = M2_a + M2_b + δ² n_a n_b / n``; variance ``m2/count``
   (population) or ``m2/(count-1)``. Accurate in float32 input over 10^9 values: the bodies sum
   blocks of at most a few thousand values *shifted* by a value of the block (so a large common
-  offset cancels) and merge the blocks in float64.
+  offset cancels) and merge the blocks in float64. **Infinite values**: a channel that has seen
+  +inf or -inf has the moments IEEE arithmetic gives over all its values, in every body and
+  whatever the batches: mean +inf (only +inf seen), -inf (only -inf seen) or NaN (both), and
+  ``m2`` NaN (so the variance and std are NaN). They are kept as values everywhere else: in
+  min/max, the histogram's under/overflow columns, the top-k and the quantile buffer.
 * ``minimum``, ``maximum`` (float32; +inf / -inf while count is 0).
 * ``hist`` (int64, (C, bins + 2)): column 0 counts values < lo, column bins + 1 values > hi, and a
   value v in [lo, hi] goes to column ``1 + min(floor((v - lo) * inv), bins - 1)`` with
   ``inv = float32(bins / (hi - lo))`` and the arithmetic in float32 (every body computes the bin
   this way, so histograms are equal bit for bit). ±inf fall in the under/overflow columns.
+* ``hist_moved`` (int64, (C,), not an op argument): 0 unless states with different histogram
+  ranges were merged (:func:`merge_states` re-bins them onto the union range): then an upper
+  bound on the values of the channel whose column may differ from the one an update would have
+  given them on the merged grid (see :func:`rebin`).
 * ``topk_values`` / ``topk_sample`` / ``topk_pos`` ((C, K)): the K largest values seen, largest
   first, with the dataset index of their sample (``sample_offset + n``) and their flat spatial
   position. **Ties**: among equal values the smaller (sample, position) comes first, so the
@@ -122,6 +130,11 @@ class ChannelStats:
     spatial_size: int | None = None
     samples: int = 0
     extra: dict = field(default_factory=dict)
+    hist_moved: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.hist_moved is None:
+            self.hist_moved = torch.zeros_like(self.count)
 
     @classmethod
     def create(
@@ -184,23 +197,20 @@ class ChannelStats:
         return tuple(getattr(self, f) for f in _TENSOR_FIELDS)
 
     def clone(self) -> ChannelStats:
-        return ChannelStats(
-            *(t.clone() for t in self.tensors()),
-            lo=self.lo,
-            hi=self.hi,
-            spatial_size=self.spatial_size,
-            samples=self.samples,
-            extra=dict(self.extra),
-        )
+        return self._map(torch.Tensor.clone)
 
     def to(self, device) -> ChannelStats:
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn) -> ChannelStats:
         return ChannelStats(
-            *(t.to(device) for t in self.tensors()),
+            *(fn(t) for t in self.tensors()),
             lo=self.lo,
             hi=self.hi,
             spatial_size=self.spatial_size,
             samples=self.samples,
             extra=dict(self.extra),
+            hist_moved=fn(self.hist_moved),
         )
 
     def variance(self, unbiased: bool = False) -> torch.Tensor:
@@ -210,7 +220,7 @@ class ChannelStats:
 
     def state_dict(self) -> dict:
         """Tensors (on the CPU) and settings, for torch.save (weights_only-loadable)."""
-        out = {f: getattr(self, f).cpu() for f in _TENSOR_FIELDS}
+        out = {f: getattr(self, f).cpu() for f in _TENSOR_FIELDS + ("hist_moved",)}
         out.update(lo=self.lo, hi=self.hi, spatial_size=self.spatial_size, samples=self.samples)
         return out
 
@@ -225,12 +235,14 @@ class ChannelStats:
             hi=float(sd["hi"]),
             spatial_size=sd["spatial_size"],
             samples=int(sd["samples"]),
+            hist_moved=sd["hist_moved"].to(device) if "hist_moved" in sd else None,
         )
 
-    def check_compatible(self, other: ChannelStats, what: str = "other") -> None:
-        """Raises ValueError unless ``other`` has the same channels, K, bins, range, buffer size
-        and spatial size (when both know it)."""
-        for name in ("channels", "topk", "bins", "quantile_capacity", "lo", "hi"):
+    def check_compatible(self, other: ChannelStats, what: str = "other", *, same_range: bool = True) -> None:
+        """Raises ValueError unless ``other`` has the same channels, K, bins, buffer size, spatial
+        size (when both know it) and, with ``same_range``, histogram range."""
+        names = ("channels", "topk", "bins", "quantile_capacity") + (("lo", "hi") if same_range else ())
+        for name in names:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 raise ValueError(
@@ -260,11 +272,13 @@ _FIELD_DTYPES = {
 
 def validate_state_dict(sd) -> None:
     """Raises ValueError unless ``sd`` is a consistent :meth:`ChannelStats.state_dict`: every
-    field present with its dtype and shape; counts >= 0 with ``sum(hist[c]) == count[c]``;
-    ``count <= samples * spatial_size``; a finite range with lo < hi; m2 >= 0; min <= max where
-    count > 0; the first ``min(count, K)`` top-k entries sorted (largest first) with valid sample
-    indices and positions, the rest empty (-inf, -1); the quantile buffer sorted. A tampered or
-    damaged file fails here instead of reaching a kernel (which trusts these invariants)."""
+    field present with its dtype and shape (``hist_moved`` may be absent); counts >= 0 with
+    ``sum(hist[c]) == count[c]``; ``count <= samples * spatial_size``; a finite range with
+    lo < hi; m2 >= 0 (or NaN, after ±inf); min <= max where count > 0; the first
+    ``min(count, K)`` top-k entries sorted (largest first) with valid sample indices and
+    positions, the rest empty (-inf, -1); the quantile buffer sorted; ``0 <= hist_moved <=
+    count``. A tampered or damaged file fails here instead of reaching a kernel (which trusts
+    these invariants)."""
 
     def bad(what: str) -> ValueError:
         return ValueError(f"ChannelStats state dict: {what}")
@@ -337,6 +351,13 @@ def validate_state_dict(sd) -> None:
         raise bad("top-k values must be sorted, largest first")
     if qbuf.shape[1] > 1 and bool((qbuf[:, 1:] > qbuf[:, :-1]).any()):
         raise bad("the quantile buffer must be sorted, largest first")
+    if "hist_moved" in sd:  # absent from files written before merges re-binned
+        moved = sd["hist_moved"]
+        if not isinstance(moved, torch.Tensor) or moved.dtype != torch.int64 or tuple(moved.shape) != (c,):
+            what = (moved.dtype, tuple(moved.shape)) if isinstance(moved, torch.Tensor) else type(moved).__name__
+            raise bad(f"hist_moved must be an int64 tensor of shape ({c},), got {what}")
+        if bool((moved < 0).any()) or bool((moved > count).any()):
+            raise bad("hist_moved must lie in [0, count] in every channel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +365,29 @@ def validate_state_dict(sd) -> None:
 
 
 def bin_columns(values: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
-    """Histogram column (0 = under, 1..bins, bins+1 = over) of each float32 value (no NaN)."""
-    lo_t = torch.tensor(lo, dtype=torch.float32, device=values.device)
-    inv = torch.tensor(bins / (hi - lo), dtype=torch.float32, device=values.device)
-    inside = (values >= lo_t) & (values <= torch.tensor(hi, dtype=torch.float32, device=values.device))
-    b = torch.floor((torch.where(inside, values, lo_t) - lo_t) * inv).clamp_(max=bins - 1).to(torch.int64) + 1
-    return torch.where(inside, b, torch.where(values < lo_t, 0, bins + 1))
+    """Histogram column (0 = under, 1..bins, bins+1 = over) of each float32 value (no NaN).
+
+    ``lo``, ``hi`` and ``inv = bins / (hi - lo)`` enter as Python scalars, which a float32 op
+    rounds to float32 (as every body does) without a host-to-device copy."""
+    lo32, hi32, inv = _f32(lo), _f32(hi), _f32(bins / (hi - lo))
+    inside = (values >= lo32) & (values <= hi32)
+    b = torch.floor((torch.where(inside, values, lo32) - lo32) * inv).clamp_(max=bins - 1).to(torch.int64) + 1
+    return torch.where(inside, b, torch.where(values < lo32, 0, bins + 1))
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (a Python float that a float32 op uses unchanged; ±inf past the
+    float32 range, as C++'s cast gives)."""
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def infinite_moments_(mean: torch.Tensor, m2: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor) -> None:
+    """Sets the moments of channels that have seen ±inf, in place: mean +inf, -inf or NaN (both
+    signs seen), m2 NaN. Every body applies it after merging, so the result does not depend on
+    the order in which partial moments met the infinity (where Chan's formula gives inf - inf)."""
+    pos, neg = maximum == math.inf, minimum == -math.inf
+    mean.copy_(torch.where(pos & neg, math.nan, torch.where(pos, math.inf, torch.where(neg, -math.inf, mean))))
+    m2.copy_(torch.where(pos | neg, math.nan, m2))
 
 
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -397,11 +435,67 @@ def _slots(count: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=count.device) < count.clamp(max=width)[:, None]
 
 
+def merge_partials(
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    shift: torch.Tensor,
+    n: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The state's (count, mean, M2) (C,) combined with G partials per channel in one pass (no
+    loop over the partials): partial (c, g) holds ``n[c, g]`` values with the sums
+    ``s1 = Σ (v - shift[c])`` and ``s2 = Σ (v - shift[c])²`` (any float dtype; merged in float64).
+    With ``N = count + Σ_g n``: ``mean' = shift + (count (mean - shift) + Σ_g s1) / N`` and
+    ``M2' = M2 + Σ_g (s2 - s1²/n) + count (mean - mean')² + Σ_g n (shift + s1/n - mean')²``
+    (the parallel-variance formula for many parts; deviations from the shift keep a large common
+    offset from cancelling). Channels without values keep their state."""
+    nd = n.double()
+    safe = nd.clamp(min=1)
+    d1 = s1.double()
+    part_m2 = (s2.double() - d1 * d1 / safe).clamp(min=0)
+    shift = shift.double()
+    total = count + n.sum(1)
+    had = count > 0
+    old_off = torch.where(had, mean - shift, 0.0)
+    new_mean = shift + (count.double() * old_off + d1.sum(1)) / total.double().clamp(min=1)
+    spread = torch.where(had, count.double() * (mean - new_mean) ** 2, 0.0)
+    spread = spread + torch.where(n > 0, nd * (shift[:, None] + d1 / safe - new_mean[:, None]) ** 2, 0.0).sum(1)
+    new_m2 = m2 + part_m2.sum(1) + spread
+    seen = total > 0
+    return total, torch.where(seen, new_mean, mean), torch.where(seen, new_m2, m2)
+
+
+def preselect_topk(values: torch.Tensor, valid: torch.Tensor, key0: int, k: int):
+    """The ``k`` best valid entries of each row of a batch (C, L), ranked as :func:`merge_topk`
+    ranks them (larger value, then smaller key ``key0 + column``), by one ``torch.topk`` over an
+    int64 composite key (the float's order-preserving bits, then the inverted column) instead of
+    sorting the batch. Returns (values, keys, valid) of shape (C, min(k, L)); with fewer than k
+    valid entries the rest are invalid. Rows must be shorter than 2**32."""
+    length = values.shape[1]
+    columns = torch.arange(length, device=values.device)
+    if length <= k:
+        return values, (key0 + columns).expand_as(values), valid
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ranks as 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    composite = torch.where(valid, (ordered << 32) | (0xFFFFFFFF - columns), torch.iinfo(torch.int64).min)
+    top = torch.topk(composite, k, dim=1).indices
+    return values.gather(1, top), key0 + top, valid.gather(1, top)
+
+
 def merge_selection_(
-    state: ChannelStats, old_count: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
+    state: ChannelStats,
+    old_count: torch.Tensor,
+    values: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    buffer_candidates: torch.Tensor | None = None,
 ) -> None:
     """Folds candidate (values, keys, valid) of shape (C, L) into the state's top-k and quantile
-    buffer, in place; ``old_count`` is the non-NaN count before these candidates."""
+    buffer, in place; ``old_count`` is the non-NaN count before these candidates. The buffer
+    takes the largest valid ``values``, or ``buffer_candidates`` (C, <= M) when given (the
+    batch's largest values, when ``values`` was preselected for the top-k only)."""
     spatial = state.spatial_size
     k = state.topk
     slot = _slots(old_count, k)
@@ -413,9 +507,11 @@ def merge_selection_(
     state.topk_sample.copy_(torch.where(kk >= 0, kk // spatial, -1))
     state.topk_pos.copy_(torch.where(kk >= 0, kk % spatial, -1))
     if state.quantile_capacity:
-        cand = torch.where(valid, values, -math.inf)
-        width = min(state.quantile_capacity, cand.shape[1])
-        cand = torch.topk(cand, width, dim=1).values if width < cand.shape[1] else cand
+        cand = buffer_candidates
+        if cand is None:
+            cand = torch.where(valid, values, -math.inf)
+            width = min(state.quantile_capacity, cand.shape[1])
+            cand = torch.topk(cand, width, dim=1).values if width < cand.shape[1] else cand
         state.qbuf.copy_(merge_buffers(state.qbuf, cand, state.quantile_capacity))
 
 
@@ -485,6 +581,7 @@ def channel_stats_update_reference(
     count.copy_(new_n)
     mean.copy_(new_mean)
     m2.copy_(new_m2)
+    infinite_moments_(mean, m2, minimum, maximum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,16 +646,26 @@ def channel_stats_update(
 
 def merge_states(a: ChannelStats, b: ChannelStats) -> ChannelStats:
     """A new state equal to one pass over the data of ``a`` and of ``b`` (in either order: the
-    top-k tie order depends on the sample indices only)."""
-    a.check_compatible(b, "the other state")
+    top-k tie order depends on the sample indices only).
+
+    Exact for the counts, moments, min/max, top-k and quantile buffer. The histogram is exact
+    when both states have the same range; otherwise both are re-binned (:func:`rebin`) onto
+    :func:`merged_range` with the same number of bins, and ``hist_moved`` bounds, per channel,
+    the values whose column may differ from the one-pass histogram on that grid (0 when both
+    grids are dyadic, see :func:`dyadic_range`, and nothing lay outside them)."""
+    a.check_compatible(b, "the other state", same_range=False)
+    lo, hi = merged_range(a, b)
     out = a.clone()
+    out.lo, out.hi = lo, hi
     out.spatial_size = a.spatial_size or b.spatial_size
     out.samples = a.samples + b.samples
     spatial = out.spatial_size or 1
     out.nan_count += b.nan_count
     torch.minimum(a.minimum, b.minimum, out=out.minimum)
     torch.maximum(a.maximum, b.maximum, out=out.maximum)
-    out.hist += b.hist
+    (hist_a, moved_a), (hist_b, moved_b) = rebin(a, lo, hi), rebin(b, lo, hi)
+    out.hist.copy_(hist_a + hist_b)
+    out.hist_moved = moved_a + moved_b
     slots = torch.cat([_slots(a.count, a.topk), _slots(b.count, b.topk)], 1)
     keys = torch.cat([a.topk_sample * spatial + a.topk_pos, b.topk_sample * spatial + b.topk_pos], 1)
     v, kk = merge_topk(torch.cat([a.topk_values, b.topk_values], 1), torch.where(slots, keys, -1), slots, a.topk)
@@ -570,7 +677,116 @@ def merge_states(a: ChannelStats, b: ChannelStats) -> ChannelStats:
     out.count.copy_(n)
     out.mean.copy_(mean)
     out.m2.copy_(m2)
+    infinite_moments_(out.mean, out.m2, out.minimum, out.maximum)
     return out
+
+
+# Dyadic grids: bin width a power of two and lo a multiple of it, lo / width below 2**22 in size
+# (so lo, hi and the width are exact in float32). Two such grids nest in the coarser one.
+_DYADIC_LIMIT = 2**22
+
+
+def dyadic_range(lo: float, hi: float, bins: int) -> tuple[float, float]:
+    """The dyadic grid of ``bins`` bins that covers [lo, hi] with the finest width: width
+    ``w = 2**e``, ``lo' = floor(lo / w) * w``, ``hi' = lo' + bins * w``. The bins of two dyadic
+    grids with the same number of bins nest in those of the coarser grid that covers both, so
+    histograms on them merge without moving any value across an edge (:func:`merged_range`).
+    Returns (lo, hi) unchanged when no dyadic grid represents it exactly in float32 (data far
+    from 0 relative to its spread)."""
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"the histogram range must be finite with lo < hi, got lo={lo}, hi={hi}")
+    width = 2.0 ** math.ceil(math.log2((hi - lo) / bins))
+    return _dyadic_cover(lo, hi, bins, width) or (lo, hi)
+
+
+def _dyadic_cover(lo: float, hi: float, bins: int, width: float) -> tuple[float, float] | None:
+    """The dyadic grid of width >= ``width`` (doubling) that covers [lo, hi], or None."""
+    while math.isfinite(width):
+        start = math.floor(lo / width)
+        if abs(start) + bins >= _DYADIC_LIMIT:
+            return None
+        if (start + bins) * width >= hi:
+            return start * width, (start + bins) * width
+        width *= 2
+    return None
+
+
+def _dyadic_width(lo: float, hi: float, bins: int) -> float | None:
+    """The bin width of a dyadic grid, or None when (lo, hi, bins) is not one."""
+    width = (hi - lo) / bins
+    if width <= 0 or math.frexp(width)[0] != 0.5 or lo / width != math.floor(lo / width):
+        return None
+    return width if abs(lo / width) + bins < _DYADIC_LIMIT else None
+
+
+def merged_range(a: ChannelStats, b: ChannelStats) -> tuple[float, float]:
+    """The histogram range of merged states: their common range; for two dyadic grids
+    (:func:`dyadic_range`) the finest dyadic grid that covers both, in which both nest; else the
+    union ``[min(lo), max(hi)]``."""
+    if (a.lo, a.hi) == (b.lo, b.hi):
+        return a.lo, a.hi
+    lo, hi = min(a.lo, b.lo), max(a.hi, b.hi)
+    wa, wb = _dyadic_width(a.lo, a.hi, a.bins), _dyadic_width(b.lo, b.hi, b.bins)
+    if wa is not None and wb is not None:
+        cover = _dyadic_cover(lo, hi, a.bins, max(wa, wb))
+        if cover is not None:
+            return cover
+    return lo, hi
+
+
+def rebin(state: ChannelStats, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state's histogram moved onto ``bins`` columns over [lo, hi] (with under/overflow
+    columns), and the new bound on the values whose column may be wrong.
+
+    A source column holds values in an interval: its bin ``[e_j, e_j+1)`` (the last bin closed),
+    or ``[minimum, lo)`` / ``(hi, maximum]`` for the under/overflow columns, narrowed to the
+    channel's [minimum, maximum]. When the whole interval falls in one target column, its values
+    go there; otherwise its count goes to the target column of the interval's midpoint and is
+    added to the bound. Each channel's bound is ``state.hist_moved`` plus the counts so placed (at
+    most the count): the histogram differs from one built on the new grid by at most that many
+    values (half the L1 distance of the two histograms is at most the bound). Edges are compared
+    in exact arithmetic (float64): a value within float32 rounding of an edge (relative
+    ``2**-24`` of the range), which the column formula may put on either side, is not counted.
+    Re-binning onto the same range is the identity; a dyadic grid onto a coarser dyadic grid
+    that covers the channel's [minimum, maximum] moves nothing."""
+    if (lo, hi) == (state.lo, state.hi):
+        return state.hist.clone(), state.hist_moved.clone()
+    bins, dev = state.bins, state.hist.device
+    width_t = (hi - lo) / bins
+
+    def at(x: torch.Tensor) -> torch.Tensor:  # target column of the point x
+        inner = 1 + torch.floor((x - lo) / width_t).clamp(0, bins - 1)
+        return torch.where(x < lo, 0, torch.where(x > hi, bins + 1, inner)).long()
+
+    def below(x: torch.Tensor) -> torch.Tensor:  # target column of the values just below x
+        inner = torch.ceil((x - lo) / width_t).clamp(1, bins)
+        return torch.where(x <= lo, 0, torch.where(x > hi, bins + 1, inner)).long()
+
+    def above(x: torch.Tensor) -> torch.Tensor:  # target column of the values just above x
+        inner = 1 + torch.floor((x - lo) / width_t).clamp(0, bins - 1)
+        return torch.where(x < lo, 0, torch.where(x >= hi, bins + 1, inner)).long()
+
+    j = torch.arange(bins + 2, dtype=torch.float64, device=dev)
+    width = (state.hi - state.lo) / bins
+    edge_lo = torch.where(j == 0, -math.inf, torch.where(j == bins + 1, state.hi, state.lo + (j - 1) * width))
+    edge_hi = torch.where(j == 0, state.lo, torch.where(j == bins + 1, math.inf, state.lo + j * width))
+    edge_hi = torch.where(j == bins, state.hi, edge_hi)
+    mn, mx = state.minimum.double()[:, None], state.maximum.double()[:, None]
+    # first column: values >= edge_lo (> hi for the overflow column); narrowed to >= minimum
+    first = torch.where(
+        (mn > edge_lo) | ((j == 0) & (mn >= edge_lo)), at(mn), torch.where(j == bins + 1, above(edge_lo), at(edge_lo))
+    )
+    # last column: values < edge_hi (<= hi for the last bin); narrowed to <= maximum
+    closed = (j == bins) | (j == bins + 1)
+    last = torch.where(
+        (mx < edge_hi) | (closed & (mx <= edge_hi)), at(mx), torch.where(closed, at(edge_hi), below(edge_hi))
+    )
+    certain = first == last
+    middle = (torch.maximum(edge_lo, mn) + torch.minimum(edge_hi, mx)) / 2
+    target = torch.where(certain, first, at(middle.nan_to_num()))
+    hist = torch.zeros_like(state.hist).scatter_add_(1, target, state.hist)
+    moved = (state.hist_moved + torch.where(certain, 0, state.hist).sum(1)).minimum(state.count)
+    return hist, moved
 
 
 def quantile_capacity(q: float, count: int) -> int:
