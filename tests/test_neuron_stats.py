@@ -4,6 +4,7 @@ dict, merge of shards, torch.distributed sync (gloo, 2 processes), top-patch PNG
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from pyadvk import distributed
-from pyadvk.stats import NeuronStats, plot_top_patches
+from pyadvk.ops import channel_stats as cs
+from pyadvk.stats import NeuronStats, plot_top_patches, receptive_field_box, select_channels
 
 WORLD = 2
 LAYERS = ["features.1", "features.3", "head"]
@@ -143,6 +145,54 @@ def test_merge_two_halves_equals_one_pass():
     assert any(bool((r["topk_values"][:, 1:] == r["topk_values"][:, :-1]).any()) for r in want.values())
 
 
+def _assert_histogram_within_moved(r: dict, a: torch.Tensor):
+    """The layer's histogram differs from the exact one of the activations ``a`` on its grid by
+    at most ``histogram_moved`` values per channel."""
+    lo, hi = r["histogram_range"]
+    v = a.transpose(0, 1).reshape(a.shape[1], -1)
+    bins = r["histogram"].shape[1]
+    counted = torch.zeros(v.shape[0], bins + 2, dtype=torch.int64).scatter_add_(
+        1, cs.bin_columns(v, lo, hi, bins), torch.ones_like(v, dtype=torch.int64)
+    )
+    got = torch.cat([r["underflow"][:, None], r["histogram"], r["overflow"][:, None]], 1)
+    displaced = (got - counted).abs().sum(1) // 2
+    assert bool((displaced <= r["histogram_moved"]).all()), (displaced, r["histogram_moved"])
+
+
+def test_halves_tracked_with_default_settings_merge_into_one_pass(tmp_path):
+    """Issue 15 item 3: two halves tracked separately with the default settings (each histogram
+    range from its own first batch, no sample_index, no num_samples) merge into one pass over
+    all the data: exact for everything but the histogram, and the histogram, re-binned onto the
+    union range, within the reported bound of the exact histogram on that grid. The merged state
+    saves, loads and keeps tracking."""
+    model = Net().eval()
+    ds = _data()
+    whole = NeuronStats(model, LAYERS, topk=6).track(DataLoader(ds, batch_size=5), progress=False)
+    a = NeuronStats(model, LAYERS, topk=6).track(DataLoader(Subset(ds, range(10)), batch_size=5), progress=False)
+    b = NeuronStats(model, LAYERS, topk=6).track(DataLoader(Subset(ds, range(10, 23)), batch_size=5), progress=False)
+    assert a.results()["features.1"]["histogram_range"] != b.results()["features.1"]["histogram_range"]
+    # dyadic default grids nest in the merged one: only values outside a shard's range (and its
+    # last bin, closed at hi, which may be an edge of the merged grid) can move
+    outside = {layer: sum(s.states[layer].hist[:, [0, -2, -1]].sum(1) for s in (a, b)) for layer in LAYERS}
+    merged = a.merge(b)
+    assert merged.samples == 23
+    res, want = merged.results(), whole.results()
+    acts = _stored_activations(model, ds.tensors[0])
+    histogram_keys = {"histogram", "underflow", "overflow", "histogram_range", "histogram_moved"}
+    for layer in LAYERS:
+        exact = {k: v for k, v in res[layer].items() if k not in histogram_keys}
+        assert_results_equal({layer: exact}, {layer: {k: want[layer][k] for k in exact}})
+        r = res[layer]
+        _assert_histogram_within_moved(r, acts[layer])
+        assert bool((r["histogram_moved"] <= outside[layer]).all()), (layer, r["histogram_moved"], outside[layer])
+    assert int(sum(res[layer]["histogram_moved"].sum() for layer in LAYERS)) < 5
+    assert bool(want["features.1"]["threshold_exact"].all())
+    merged.save(tmp_path / "merged.pt")
+    again = NeuronStats(model, LAYERS, topk=6)
+    again.load(tmp_path / "merged.pt")
+    assert torch.equal(again.results()["head"]["histogram_moved"], res["head"]["histogram_moved"])
+
+
 def test_merge_and_load_reject_other_configurations(tmp_path):
     model = Net().eval()
     a = _stats(model)
@@ -228,17 +278,71 @@ def test_plot_top_patches_writes_pngs(tmp_path):
         plot_top_patches(stats, ds, "nope", [0], tmp_path)
 
 
+def test_select_channels_skips_dead_ones_and_ranks_by_selectivity():
+    """Issue 15 item 8: channels that never fire (max <= 0, or constant) are skipped; the others
+    come most selective first (top activations farthest above the mean, in stds)."""
+    model = nn.Sequential(nn.Conv2d(1, 5, 1))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0]))
+        model[0].weight[0, 0] = 1.0  # follows the image: fires, spread out
+        model[0].weight[2, 0] = -1.0  # never positive: dead
+        model[0].weight[4, 0] = 1.0
+    images = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    images[3, 0, 1, 2] = 5.0  # one strong response: channels 0 and 4 see it, 4 also gets a bias below
+    with torch.no_grad():
+        model[0].bias[4] = 0.05
+        model[0].weight[4, 0] = 2.0
+    stats = NeuronStats(model, ["0"], topk=2).track(DataLoader(TensorDataset(images), batch_size=3), progress=False)
+    chosen = select_channels(stats, "0", 5)
+    assert set(chosen) == {0, 4}  # 1 and 3 are constant (0, -1), 2 never fires
+    r = stats.results()["0"]
+    score = [(float(r["topk_values"][c].double().mean()) - float(r["mean"][c])) / float(r["std"][c]) for c in chosen]
+    assert score == sorted(score, reverse=True)
+    assert select_channels(stats, "0", 1) == chosen[:1]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        select_channels(stats, "0", 0)
+
+
+def test_receptive_field_box_from_the_gradient():
+    """A 3x3 conv (padding 1) then a 3x3 conv of stride 2: output (i, j) reads input rows and
+    columns 2i - 1 .. 2i + 3 (clipped to the image)."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, stride=2))
+    with torch.no_grad():
+        for m in model:
+            m.weight.fill_(1.0)
+    image = torch.rand(1, 9, 9)
+    assert receptive_field_box(model, "1", image, 0, [0, 0]) == (0, 0, 4, 4)
+    assert receptive_field_box(model, "1", image, 0, [2, 1]) == (3, 1, 8, 6)
+    assert receptive_field_box(model, "0", image, 1, [4, 4]) == (3, 3, 6, 6)
+    assert receptive_field_box(nn.Sequential(nn.Flatten(), nn.Linear(81, 3)), "1", image, 0, []) is None
+    model.train()  # the model's mode is restored
+    receptive_field_box(model, "1", image, 0, [0, 0])
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_plot_patches_cropped_to_receptive_field(tmp_path):
+    model = Net().eval()
+    ds = _data()
+    stats = _stats(model).track(DataLoader(ds, batch_size=8), progress=False)
+    channels = select_channels(stats, "features.3", 2)
+    paths = plot_top_patches(stats, ds, "features.3", channels, tmp_path, model=model)
+    assert [os.path.basename(p) for p in paths] == [f"features_3_ch{c}.png" for c in channels]
+    for p in paths:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.distributed: 2 processes (gloo) on an uneven split equal one process.
 
 
-def _worker(rank, tmp):
+def _worker(rank, tmp, defaults):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         model = Net().eval()
         # 12 + 11 samples; batches of 1, so the model's activations are bit-identical to one process's
         loader = distributed.shard_loader(_data(), batch_size=1)
-        stats = _stats(model).track(loader, progress=False)
+        stats = (NeuronStats(model, LAYERS, topk=6) if defaults else _stats(model)).track(loader, progress=False)
         assert stats.sample_index == (rank, WORLD)
         stats.sync()
         if rank == 0:
@@ -248,9 +352,23 @@ def _worker(rank, tmp):
         dist.destroy_process_group()
 
 
-def test_sync_across_ranks_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("defaults", [False, True], ids=["fixed-range", "defaults"])
+def test_sync_across_ranks_equals_one_process(tmp_path, defaults):
+    """With a given histogram range: identical to one process. With the default settings (each
+    rank's range from its own first batch): identical but for the histogram, which is within
+    its reported bound of the exact one on the merged grid."""
+    mp.spawn(_worker, args=(str(tmp_path), defaults), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "results.pt", weights_only=False)
     assert torch.load(tmp_path / "samples.pt") == 23
-    want = _stats(Net().eval()).track(DataLoader(_data(), batch_size=1), progress=False).results()
-    assert_results_equal(got, want)
+    model = Net().eval()
+    if not defaults:
+        want = _stats(model).track(DataLoader(_data(), batch_size=1), progress=False).results()
+        assert_results_equal(got, want)
+        return
+    want = NeuronStats(model, LAYERS, topk=6).track(DataLoader(_data(), batch_size=1), progress=False).results()
+    acts = _stored_activations(model, _data().tensors[0])
+    histogram_keys = {"histogram", "underflow", "overflow", "histogram_range", "histogram_moved"}
+    for layer in LAYERS:
+        exact = {k: v for k, v in got[layer].items() if k not in histogram_keys}
+        assert_results_equal({layer: exact}, {layer: {k: want[layer][k] for k in exact}})
+        _assert_histogram_within_moved(got[layer], acts[layer])

@@ -50,12 +50,7 @@ ARGS = [
 
 def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, capsys):
     out = tmp_path / "out"
-    assert (
-        main(
-            ["stats", "--model", str(model_file), *ARGS, "--patches", "2", "--receptive-field", "5", "--out", str(out)]
-        )
-        == 0
-    )
+    assert main(["stats", "--model", str(model_file), *ARGS, "--patches", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "features.1: 8 channels" in printed and "classifier.2: 32 channels" in printed
     summary = json.loads((out / "stats.json").read_text())
@@ -80,9 +75,17 @@ def test_stats_command_writes_summary_state_and_patches(model_file, tmp_path, ca
     )
     assert layer["threshold"] == torch.quantile(v, 0.99, dim=1).tolist()
     assert layer["max"] == v.amax(1).tolist()
+    # patches: of channels that fire, the most selective first (issue 15 item 8), not the first K
+    expected = []
+    for name in ("features.1", "features.8", "classifier.2"):
+        line = next(x for x in printed.splitlines() if x.startswith(f"{name}: patches of channels"))
+        channels = json.loads(line.split("channels ")[1].split(" (")[0])
+        assert 1 <= len(channels) <= 2
+        assert all(summary["layers"][name]["max"][c] > 0 for c in channels)
+        expected += [f"{name.replace('.', '_')}_ch{c}.png" for c in channels]
     pngs = sorted(p.name for p in (out / "patches").iterdir())
-    assert pngs == [f"{name}_ch{c}.png" for name in ("classifier_2", "features_1", "features_8") for c in (0, 1)]
-    assert (out / "patches" / "features_1_ch0.png").read_bytes()[:4] == b"\x89PNG"
+    assert pngs == sorted(expected)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (out / "patches").iterdir())
     assert (out / "stats.pt").exists()
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from pyadvk import data as data_mod
 from pyadvk import distributed, models
 from pyadvk.cli import common
-from pyadvk.stats import NeuronStats, plot_top_patches
+from pyadvk.stats import NeuronStats, plot_top_patches, select_channels
 
 
 def _model(args, device, info):
@@ -130,8 +130,10 @@ def run(args) -> int:
         stats.save(os.path.join(args.out, "stats.pt"))
         written = ["stats.json", "stats.pt"]
         if args.patches:
+            results = stats.results()
             for name in layers:
-                channels = list(range(min(args.patches, stats.states[name].channels)))
+                channels = select_channels(results, name, args.patches)
+                common.say(f"{name}: patches of channels {channels} (firing, most selective first)")
                 written += [
                     os.path.relpath(p, args.out)
                     for p in plot_top_patches(
@@ -141,6 +143,7 @@ def run(args) -> int:
                         channels,
                         os.path.join(args.out, "patches"),
                         receptive_field=args.receptive_field,
+                        model=model,
                     )
                 ]
         common.say(f"wrote {', '.join(written[:4])}{' ...' if len(written) > 4 else ''} in {args.out}")
@@ -155,7 +158,9 @@ def add_parser(sub) -> None:
         "count, mean, std, min, max, histogram, top-k activations with their image "
         "index and position, and the exact threshold T with P(a > T) = --quantile. "
         "Writes OUT/stats.json (summary), OUT/stats.pt (state) and, with --patches K, "
-        "OUT/patches/<layer>_ch<c>.png for the first K channels. Runs unchanged under "
+        "OUT/patches/<layer>_ch<c>.png for the K channels that fire and are most "
+        "selective (top activations farthest above the channel's mean, in stds), each patch "
+        "cropped to the activation's receptive field with the field outlined. Runs unchanged under "
         "torchrun --nproc_per_node=N (images split over ranks, merged exactly, rank 0 "
         "writes).",
     )
@@ -176,13 +181,20 @@ def add_parser(sub) -> None:
         metavar="LO,HI",
         help="histogram range of every layer (default: per layer, from the first batch's activations)",
     )
-    p.add_argument("--patches", type=int, default=0, metavar="K", help="write top-patch PNGs of the first K channels")
+    p.add_argument(
+        "--patches",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write top-patch PNGs of the K most selective channels that fire (dead ones skipped)",
+    )
     p.add_argument(
         "--receptive-field",
         type=int,
         default=None,
         metavar="PIXELS",
-        help="patch size in pixels (default: whole images)",
+        help="patch size in pixels (default: the activation's receptive field, from the gradient "
+        "of the activation with respect to the image)",
     )
     p.add_argument(
         "--consistency",

@@ -9,7 +9,7 @@ from pyadvk.stats.consistency import (
     representation_consistency,
 )
 from pyadvk.stats.influence import InfluenceResult, influential_neurons
-from pyadvk.stats.neuron_stats import NeuronStats, plot_top_patches
+from pyadvk.stats.neuron_stats import NeuronStats, plot_top_patches, receptive_field_box, select_channels
 
 __all__ = [
     "ConsistencyResult",
@@ -19,5 +19,7 @@ __all__ = [
     "consistency_score",
     "influential_neurons",
     "plot_top_patches",
+    "receptive_field_box",
     "representation_consistency",
+    "select_channels",
 ]

@@ -13,11 +13,18 @@ Sample indices: the i-th sample this object sees (counting from 0) is dataset in
 it from a :class:`pyadvk.distributed.ShardSampler` (rank, world size), so shards report dataset
 indices. With a shuffling loader the indices are positions in the iteration order.
 
-Shards combine exactly: :meth:`merge` (two objects) and :meth:`sync` (every torch.distributed
-rank) give the same statistics as one pass over all the data, top-k ties included (ties go to the
-smaller dataset index, then the smaller position). States of different configurations (layers,
-k, bins, histogram range, buffer size) are refused. Pass ``histogram_range`` explicitly when
-shards are merged: the automatic range is taken from each process's first batch.
+Shards combine: :meth:`merge` (two objects, e.g. several jobs or a resumed run) and :meth:`sync`
+(every torch.distributed rank) give the statistics of one pass over all the data, with the default
+settings too. Exact: counts, moments, min/max, the top-k with its ties (ties go to the smaller
+dataset index, then the smaller position) and the quantile buffer (so exact thresholds stay
+exact). The histogram is exact when the shards share its range (``histogram_range`` given, the
+same on every shard); the automatic range is taken from each shard's first batch, and shards with
+different ranges are re-binned onto the union range: ``results()[layer]["histogram_moved"]``
+then bounds, per channel, the values that may sit in another bin than in one pass on that grid
+(:func:`pyadvk.ops.channel_stats.rebin`). A shard tracked without ``sample_index`` (and not
+through a :class:`pyadvk.distributed.ShardSampler`) is taken to follow the shards before it: its
+samples are numbered after theirs. States of different configurations (layers, k, bins, given
+histogram range, buffer size) are refused.
 """
 
 from __future__ import annotations
@@ -54,6 +61,17 @@ def _check_range(value, layers):
     return (lo, hi)
 
 
+def default_range(a: torch.Tensor, bins: int) -> tuple[float, float]:
+    """The histogram range chosen from a layer's first batch: its finite [min, max] widened by a
+    quarter of the span on each side (later batches mostly fall inside), then the dyadic grid
+    that covers it (:func:`pyadvk.ops.channel_stats.dyadic_range`), so that shards which chose
+    their ranges from their own first batches merge with no value moved across a bin edge."""
+    finite = a.float()[torch.isfinite(a.float())]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    span = hi - lo if hi > lo else max(1.0, abs(lo))
+    return cs.dyadic_range(lo - span / 4, hi + span / 4, bins)
+
+
 class NeuronStats:
     """Streaming statistics of the channels of ``layers`` of ``model``.
 
@@ -65,15 +83,17 @@ class NeuronStats:
         quantile: upper-tail probability q of the threshold T with P(a > T) = q, in (0, 1).
         histogram_bins: bins of each channel's histogram (values outside the range are counted in
             an underflow / overflow column).
-        histogram_range: (lo, hi) of the histograms, or a dict of them per layer; default: the
-            first batch's (min, max) of each layer (pass it explicitly when shards are merged).
+        histogram_range: (lo, hi) of the histograms, or a dict of them per layer; default: from
+            each layer's first batch (:func:`default_range`: a dyadic grid, so shards merge with
+            the histogram exact unless values fell outside their ranges).
         num_samples: the number of samples the pass will see in all (all shards together). With
             it, the quantile buffer holds the ``ceil(q·num_samples·S) + 2`` largest values of each
             channel (S = spatial size) and the thresholds are exact; without it the buffer holds
             ``quantile_buffer`` values and thresholds beyond it come from the histogram (within
             one bin width).
         quantile_buffer: buffer size when ``num_samples`` is not given (default 4096).
-        sample_index: (start, step): the dataset index of the i-th sample seen is start + step·i.
+        sample_index: (start, step): the dataset index of the i-th sample seen is start + step·i;
+            default (0, 1), and a shard merged after others is numbered after them.
         backend: force a body of the update op ("cuda", "triton", "cpp", "torch").
     """
 
@@ -88,7 +108,7 @@ class NeuronStats:
         histogram_range: tuple[float, float] | None = None,
         num_samples: int | None = None,
         quantile_buffer: int | None = None,
-        sample_index: tuple[int, int] = (0, 1),
+        sample_index: tuple[int, int] | None = None,
         backend: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -116,7 +136,8 @@ class NeuronStats:
         self.quantile_buffer = _checks.integer(
             "quantile_buffer", DEFAULT_QUANTILE_BUFFER if quantile_buffer is None else quantile_buffer, low=0
         )
-        self.sample_index = self._check_index(sample_index)
+        self.sample_index = self._check_index((0, 1) if sample_index is None else sample_index)
+        self.sample_index_given = sample_index is not None
         self.backend = backend
         self.states: dict[str, cs.ChannelStats | None] = {name: None for name in layers}
         self.spatial_shapes: dict[str, tuple[int, ...] | None] = {name: None for name in layers}
@@ -225,10 +246,7 @@ class NeuronStats:
         if given is not None:
             lo, hi = given
         else:
-            finite = a.float()[torch.isfinite(a.float())]
-            lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
-            if not lo < hi:
-                lo, hi = lo - 0.5, hi + 0.5
+            lo, hi = default_range(a, self.histogram_bins)
         if self.num_samples is not None:
             m = cs.quantile_capacity(self.quantile, self.num_samples * spatial)
         else:
@@ -262,6 +280,7 @@ class NeuronStats:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, distributed.ShardSampler) and not sampler.shuffle:
             self.sample_index = (sampler.rank, sampler.world)
+            self.sample_index_given = True
         if device is None:
             p = next(iter(self.model.parameters()), None)
             device = p.device if p is not None else torch.device("cpu")
@@ -318,7 +337,9 @@ class NeuronStats:
         ``std`` (population), ``min``, ``max``, ``topk_values`` (C, k), ``topk_indices`` (dataset
         indices, -1 where fewer than k values were seen), ``topk_positions`` (flat spatial
         position) and ``topk_coords`` (C, k, len(spatial)), ``threshold`` and
-        ``threshold_exact``, ``histogram`` (C, bins), ``underflow``, ``overflow``, plus
+        ``threshold_exact``, ``histogram`` (C, bins), ``underflow``, ``overflow``,
+        ``histogram_moved`` (C,: 0, or after merging shards with different histogram ranges a
+        bound on the values whose bin may differ from one pass's on this grid), plus
         ``histogram_range``, ``spatial_shape``, ``quantile``."""
         out = {}
         for name in self.layers:
@@ -352,6 +373,7 @@ class NeuronStats:
                 "histogram": s.hist[:, 1:-1],
                 "underflow": s.hist[:, 0],
                 "overflow": s.hist[:, -1],
+                "histogram_moved": s.hist_moved,
                 "histogram_range": (s.lo, s.hi),
                 "spatial_shape": tuple(shape),
                 "quantile": self.quantile,
@@ -402,6 +424,7 @@ class NeuronStats:
             "config": self._config(),
             "samples": self.samples,
             "sample_index": list(self.sample_index),
+            "sample_index_given": self.sample_index_given,
             "world_size": distributed.world_size(),
             "spatial_shapes": {k: (list(v) if v is not None else None) for k, v in self.spatial_shapes.items()},
             "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()},
@@ -427,6 +450,9 @@ class NeuronStats:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"NeuronStats state dict: samples must be an int >= 0, got {samples!r}")
         sample_index = self._check_index(sd["sample_index"])
+        given = sd.get("sample_index_given", sample_index != (0, 1))
+        if not isinstance(given, bool):
+            raise ValueError(f"NeuronStats state dict: sample_index_given must be a bool, got {given!r}")
         if not isinstance(sd["states"], dict) or not isinstance(sd["spatial_shapes"], dict):
             raise ValueError("NeuronStats state dict: states and spatial_shapes must be dicts")
         states: dict[str, cs.ChannelStats | None] = {}
@@ -453,6 +479,7 @@ class NeuronStats:
         self.spatial_shapes = spatial_shapes
         self.samples = samples
         self.sample_index = sample_index
+        self.sample_index_given = given
         self._batch, self._pending = None, []
 
     def _check_config(self, config: dict, what: str) -> None:
@@ -482,17 +509,10 @@ class NeuronStats:
         check_archive(path, "statistics file")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), **kwargs)
 
-    def _globalized(self) -> dict[str, cs.ChannelStats | None]:
-        """The states with top-k sample indices mapped to dataset indices (CPU copies)."""
-        out = {}
-        for name, s in self.states.items():
-            if s is None:
-                out[name] = None
-                continue
-            g = s.to("cpu")
-            g.topk_sample = self._global_samples(g.topk_sample)
-            out[name] = g
-        return out
+    def _end_index(self) -> int:
+        """One past the largest dataset index of the samples seen (0 before any)."""
+        start, step = self.sample_index
+        return start + step * (self.samples - 1) + 1 if self.samples else 0
 
     def _set_merged(self, states: dict, samples: int) -> None:
         for name, s in states.items():
@@ -500,6 +520,7 @@ class NeuronStats:
             self.states[name] = s if s is None or old is None else s.to(old.count.device)
         self.samples = samples
         self.sample_index = (0, 1)
+        self.sample_index_given = True
 
     @staticmethod
     def _merge_one(a: cs.ChannelStats | None, b: cs.ChannelStats | None, layer: str) -> cs.ChannelStats | None:
@@ -512,14 +533,19 @@ class NeuronStats:
 
     def merge(self, other: NeuronStats) -> NeuronStats:
         """Combines another shard's statistics into this object (in place; returns self): the
-        result equals one pass over both shards' data. Sample indices are mapped to dataset
-        indices first, after which ``sample_index`` is (0, 1)."""
+        result equals one pass over both shards' data (the histogram re-binned when the ranges
+        differ; see the module docstring). Sample indices are mapped to dataset indices first,
+        after which ``sample_index`` is (0, 1); a shard without a ``sample_index`` of its own is
+        numbered after this one's samples (two halves of a dataset tracked one after the other
+        merge like one pass in dataset order)."""
         if not isinstance(other, NeuronStats):
             raise TypeError(f"other must be a NeuronStats, got {type(other).__name__}")
         self._check_config(other._config(), "the other NeuronStats")
         self._check_whole("merge")
         other._check_whole("merge the other NeuronStats")
-        mine, theirs = self._globalized(), other._globalized()
+        mine = _globalized(self.states, self.sample_index)
+        start, step = other.sample_index if other.sample_index_given else (self._end_index(), 1)
+        theirs = _globalized(other.states, (start, step))
         merged = {name: self._merge_one(mine[name], theirs[name], name) for name in self.layers}
         for name in self.layers:
             if self.spatial_shapes[name] is None:
@@ -531,7 +557,9 @@ class NeuronStats:
         """Combines the statistics of every torch.distributed rank (a no-op without a process
         group): each rank's states are all-gathered and merged in rank order (moments with the
         parallel-variance formula, top-k and quantile buffers by selection), so every rank ends
-        up with the statistics of one pass over all shards. Collective: call on every rank."""
+        up with the statistics of one pass over all shards (histograms re-binned when their ranges
+        differ; ranks without a ``sample_index`` are numbered in rank order). Collective: call on
+        every rank."""
         if not distributed.is_distributed():
             return self
         self._check_whole("sync")
@@ -540,21 +568,25 @@ class NeuronStats:
         payload = {
             "config": self._config(),
             "samples": self.samples,
+            "sample_index": self.sample_index,
+            "sample_index_given": self.sample_index_given,
             "spatial_shapes": self.spatial_shapes,
-            "states": {k: (v.state_dict() if v is not None else None) for k, v in self._globalized().items()},
+            "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()},
         }
         gathered: list = [None] * distributed.world_size()
         dist.all_gather_object(gathered, payload)
         merged: dict = {name: None for name in self.layers}
-        samples = 0
+        samples = end = 0
         for r, part in enumerate(gathered):
             self._check_config(part["config"], f"rank {r}'s NeuronStats")
+            start, step = part["sample_index"] if part["sample_index_given"] else (end, 1)
+            if part["samples"]:
+                end = max(end, start + step * (part["samples"] - 1) + 1)
             samples += part["samples"]
+            states = {k: None if v is None else cs.ChannelStats.from_state_dict(v) for k, v in part["states"].items()}
+            states = _globalized(states, (start, step))
             for name in self.layers:
-                s = part["states"][name]
-                merged[name] = self._merge_one(
-                    merged[name], None if s is None else cs.ChannelStats.from_state_dict(s), name
-                )
+                merged[name] = self._merge_one(merged[name], states[name], name)
                 if self.spatial_shapes[name] is None and part["spatial_shapes"][name] is not None:
                     self.spatial_shapes[name] = tuple(part["spatial_shapes"][name])
         self._set_merged(merged, samples)
@@ -563,8 +595,76 @@ class NeuronStats:
     all_reduce = sync
 
 
+def _globalized(states: dict, sample_index: tuple[int, int]) -> dict[str, cs.ChannelStats | None]:
+    """CPU copies of ``states`` with top-k sample indices mapped to dataset indices start + step·i."""
+    start, step = sample_index
+    out: dict[str, cs.ChannelStats | None] = {}
+    for name, s in states.items():
+        g = None if s is None else s.to("cpu")
+        if g is not None:
+            g.topk_sample = torch.where(g.topk_sample >= 0, start + step * g.topk_sample, -1)
+        out[name] = g
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Pictures.
+
+
+def select_channels(stats: NeuronStats | dict, layer: str, k: int) -> list[int]:
+    """The ``k`` channels of ``layer`` to look at first: those that fire, most selective first.
+
+    A channel fires when its largest activation is > 0 and its values vary (std > 0): dead
+    channels (a ReLU that never opens, a constant output) are left out, so fewer than ``k`` may
+    come back. Selectivity is how far the channel's top activations stand out of its usual values:
+    ``(mean of its top-k values - mean) / std``, the z-score of its strongest responses (a channel
+    that responds strongly to a few images ranks above one that is always on). Ties go to the
+    smaller channel index."""
+    results = stats.results() if isinstance(stats, NeuronStats) else stats
+    if layer not in results or results[layer] is None:
+        raise ValueError(f"layer {layer!r} has no statistics; layers: {', '.join(n for n, v in results.items() if v)}")
+    k = _checks.integer("k", k, low=1)
+    r = results[layer]
+    top = r["topk_values"].double()
+    filled = r["topk_indices"] >= 0
+    top_mean = torch.where(filled, top, 0.0).sum(1) / filled.sum(1).clamp(min=1)
+    std = r["std"].double()
+    fires = (r["max"] > 0) & (std > 0) & torch.isfinite(std) & filled[:, 0]
+    score = torch.where(fires, (top_mean - r["mean"].double()) / torch.where(fires, std, 1.0), -math.inf)
+    order = sorted(range(score.numel()), key=lambda c: (-float(score[c]), c))
+    return [c for c in order if bool(fires[c])][:k]
+
+
+def receptive_field_box(
+    model: nn.Module, layer: str, image: torch.Tensor, channel: int, coords: Sequence[int]
+) -> tuple[int, int, int, int] | None:
+    """The input pixels that the activation ``layer[channel, *coords]`` of ``image`` (C, H, W)
+    depends on, as a box (top, left, bottom, right), bottom/right exclusive: the support of the
+    gradient of that activation with respect to the image (its effective receptive field on this
+    image, which the layer path bounds from above). None when the gradient is zero everywhere
+    (e.g. a saturated unit) or the layer has no spatial grid."""
+    module = dict(distributed.unwrap(model).named_modules())[layer]
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, (tuple, list)) else o))
+    x = image[None].detach().clone().requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(x)
+            out = captured[0]
+            if out.dim() < 3 or len(coords) != out.dim() - 2:
+                return None
+            (grad,) = torch.autograd.grad(out[(0, channel, *coords)], x)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    support = grad[0].abs().sum(0) > 0
+    if support.dim() != 2 or not bool(support.any()):
+        return None
+    rows = torch.nonzero(support.any(1)).flatten()
+    cols = torch.nonzero(support.any(0)).flatten()
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 def plot_top_patches(
@@ -576,18 +676,23 @@ def plot_top_patches(
     *,
     receptive_field: int | None = None,
     k: int | None = None,
+    model: nn.Module | None = None,
 ) -> list[str]:
     """For each channel of ``channels`` in ``layer``, writes ``path/<layer>_ch<c>.png``: a grid of
     the image patches of its top-k activations (best first), titled with value and dataset index.
 
     ``dataset[i][0]`` (or ``dataset[i]``) must be the (C, H, W) image in [0, 1] of dataset index i.
-    A patch is the ``receptive_field`` × ``receptive_field`` square (pixels) centred on the image
-    point under the activation's spatial position (the layer's grid stretched over the image);
-    default: the whole image. Returns the paths written (atomically)."""
+    With ``model`` (and no ``receptive_field``), a patch is the activation's receptive field on
+    that image (:func:`receptive_field_box`) with a margin of a quarter of its size for context,
+    the field outlined in red. With ``receptive_field``, it is the ``receptive_field`` squared
+    pixels centred on the image point under the activation's spatial position (the layer's grid
+    stretched over the image), outlined the same way. Otherwise the whole image. Choose the
+    channels with :func:`select_channels`. Returns the paths written (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     results = stats.results() if isinstance(stats, NeuronStats) else stats
     if layer not in results or results[layer] is None:
@@ -613,11 +718,24 @@ def plot_top_patches(
         for ax, (i, v, co) in zip(axes.flat, entries):
             item = dataset[i]
             img = item[0] if isinstance(item, (tuple, list)) else item
-            patch = _patch(img.detach().float().cpu(), co, r["spatial_shape"], receptive_field)
+            img = img.detach().float().cpu()
+            img = img[None] if img.dim() == 2 else img
+            box = None
+            if receptive_field is not None:
+                box = _square_box(img, co, r["spatial_shape"], receptive_field)
+            elif model is not None:
+                device = next(iter(model.parameters()), img).device
+                box = receptive_field_box(model, layer, img.to(device), c, co)
+            patch, field = _crop(img, box)
             if patch.shape[0] == 1:
                 ax.imshow(patch[0].numpy(), cmap="gray", vmin=0, vmax=1)
             else:
                 ax.imshow(patch[:3].permute(1, 2, 0).clamp(0, 1).numpy())
+            if field is not None:
+                top, left, bottom, right = field
+                ax.add_patch(
+                    Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, ec="red", lw=1.2)
+                )
             ax.set_title(f"{v:.3g} #{i}", fontsize=7)
         fig.suptitle(f"{layer} channel {c}: top {len(entries)}", fontsize=8)
         out = os.path.join(os.fspath(path), f"{layer.replace('.', '_')}_ch{c}.png")
@@ -626,14 +744,27 @@ def plot_top_patches(
     return paths
 
 
-def _patch(img: torch.Tensor, coords: list[int], spatial: tuple[int, ...], size: int | None) -> torch.Tensor:
-    if img.dim() == 2:
-        img = img[None]
-    if size is None or len(spatial) != 2:
-        return img
+def _square_box(
+    img: torch.Tensor, coords: list[int], spatial: tuple[int, ...], size: int
+) -> tuple[int, int, int, int] | None:
+    """The ``size``-pixel square centred on the image point under a position of the layer's grid
+    (the grid stretched over the image), clipped to the image; None without a 2-d grid."""
+    if len(spatial) != 2:
+        return None
     h, w = img.shape[-2:]
     cy = int((coords[0] + 0.5) * h / spatial[0])
     cx = int((coords[1] + 0.5) * w / spatial[1])
     half = size // 2
-    y0, x0 = max(0, cy - half), max(0, cx - half)
-    return img[:, y0 : min(h, cy - half + size), x0 : min(w, cx - half + size)]
+    return max(0, cy - half), max(0, cx - half), min(h, cy - half + size), min(w, cx - half + size)
+
+
+def _crop(img: torch.Tensor, box: tuple[int, int, int, int] | None):
+    """The box with a margin of a quarter of its size (clipped to the image), and the box in the
+    crop's coordinates; the whole image and None without a box."""
+    if box is None:
+        return img, None
+    h, w = img.shape[-2:]
+    top, left, bottom, right = box
+    my, mx = max(1, (bottom - top) // 4), max(1, (right - left) // 4)
+    y0, x0, y1, x1 = max(0, top - my), max(0, left - mx), min(h, bottom + my), min(w, right + mx)
+    return img[:, y0:y1, x0:x1], (top - y0, left - x0, bottom - y0, right - x0)
