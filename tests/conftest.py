@@ -1,6 +1,14 @@
 """Test setup: without a GPU, Triton kernels run on CPU tensors through Triton's interpreter
 (TRITON_INTERPRET must be set before anything imports triton). GPU tests are marked ``gpu`` and
-skipped without a CUDA device."""
+skipped without a CUDA device; tests over ~10 s on the 2-core CPU are marked ``slow``
+(``make test-fast`` leaves both out).
+
+Hypothesis settings are profiles, chosen with ``HYPOTHESIS_PROFILE`` (test files set no
+``max_examples`` of their own): ``ci`` (the default, what ``make test`` runs), ``dev`` (a few
+examples per property: ``make test-fast``), ``gpu`` (for the GPU tests of a GPU session, where
+examples are cheap) and ``thorough`` (a nightly or pre-release run). Every profile has no deadline
+(the machine is shared and Triton's interpreter is slow) and prints the reproduction blob of a
+failure."""
 
 import os
 
@@ -10,11 +18,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import pyadvk  # noqa: E402
 from pyadvk import _backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+
+HYPOTHESIS_PROFILES = {"dev": 8, "ci": 30, "gpu": 100, "thorough": 500}  # name: examples per property
+for _name, _examples in HYPOTHESIS_PROFILES.items():
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
+    )
+_profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if _profile not in HYPOTHESIS_PROFILES:
+    raise pytest.UsageError(f"HYPOTHESIS_PROFILE={_profile!r}: expected one of {', '.join(HYPOTHESIS_PROFILES)}")
+settings.load_profile(_profile)
 
 
 def pytest_collection_modifyitems(config, items):

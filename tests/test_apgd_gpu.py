@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from pyadvk.ops import apgd_step, apgd_step_
 from pyadvk.ops.pgd import NORMS
@@ -32,7 +32,6 @@ def check_gpu_body(backend, tensors, kw, what=""):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@settings(max_examples=100, deadline=None)
 @given(**step_cases)
 def test_step_matches_reference_on_gpu(backend, **case):
     tensors, kw = step_args(**case, device="cuda")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyadvk.ops import apgd_step, apgd_step_, pgd_step
@@ -122,7 +122,6 @@ def check_body(backend, tensors, kw, what=""):
 
 
 @pytest.mark.parametrize("backend", BODIES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**step_cases)
 def test_step_matches_reference(backend, **case):
     tensors, kw = step_args(**case)
@@ -335,7 +334,6 @@ def assert_in_ball_and_box(y, x_orig, eps, norm, lower, upper):
         assert (excess <= 0).all(), f"outside the l2 ball by {excess.max().item():.3g}"
 
 
-@settings(max_examples=80, deadline=None)
 @given(**step_cases)
 def test_reference_stays_in_ball_and_box(**case):
     (x, x_prev, x_orig, grad), kw = step_args(**case)
@@ -343,7 +341,6 @@ def test_reference_stays_in_ball_and_box(**case):
     assert_in_ball_and_box(y, x_orig, kw["eps"], kw["norm"], kw["lower"], kw["upper"])
 
 
-@settings(max_examples=40, deadline=None)
 @given(**{k: v for k, v in step_cases.items() if k not in ("momentum", "eta", "per_sample_eta")})
 def test_momentum_one_is_the_projected_pgd_step(**case):
     """momentum = 1: y = P(z) = z, the plain projected step pgd_step with alpha = eta (both norms:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pyadvk
@@ -48,7 +48,6 @@ def make(shape, dtype, seed, delta, n=1):
 
 
 @pytest.mark.parametrize("body", FUSED)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from(SHAPES),
     dtype=st.sampled_from(DTYPES + [torch.float64]),
@@ -71,7 +70,6 @@ def test_ops_match_reference(body, shape, dtype, delta, seed):
 
 
 @pytest.mark.parametrize("body", BODIES)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from(TRITON_SHAPES),
     dtype=st.sampled_from(DTYPES),

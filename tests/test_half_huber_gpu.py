@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyadvk.nn.functional import half_huber_relu
@@ -18,7 +18,6 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 
 @pytest.mark.parametrize("body", GPU_BACKENDS)
-@settings(max_examples=60, deadline=None)
 @given(
     shape=st.sampled_from(SHAPES + [(128, 64, 32, 32), (3, 3, 223, 221)]),
     dtype=st.sampled_from(DTYPES + [torch.float64]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -89,7 +89,6 @@ def test_other_padding_modes(mode, padding):
     assert factor >= 1 and bound <= factor * float(conv_norms.circular_norm_exact(conv, (2, 5, 6))) * 1.02
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cin=st.integers(1, 4),
     cout=st.integers(1, 4),

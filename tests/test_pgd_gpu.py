@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from benchmarks import baselines
 from pyadvk.attacks import PGD, PGDL2
@@ -18,7 +18,6 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@settings(max_examples=100, deadline=None)
 @given(**step_cases)
 def test_step_matches_reference_on_gpu(backend, **case):
     (x_adv, x_orig, grad), kw = _step_args(**case, device="cuda")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyadvk.ops import pgd as pgd_ops
@@ -94,7 +94,6 @@ def _step_args(
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**step_cases)
 def test_step_matches_reference(backend, **case):
     (x_adv, x_orig, grad), kw = _step_args(**case)
@@ -220,7 +219,6 @@ def test_empty_batch(backend, norm):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=25, deadline=None)
 @given(
     shape=SHAPES,
     dtype=st.sampled_from(DTYPES),

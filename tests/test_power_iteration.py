@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyadvk.ops import power_iteration
@@ -61,7 +61,6 @@ def assert_close_sigma(out, ref, what):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=5),
     dtype=st.sampled_from(DTYPES),

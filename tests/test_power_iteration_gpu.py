@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pyadvk
@@ -28,7 +28,6 @@ GPU_SHAPES = SHAPES + [(512, 4608), (4097, 3), (3, 5000), (9, 2000), (1, 20000),
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@settings(max_examples=50, deadline=None)
 @given(
     shapes=st.lists(st.sampled_from(GPU_SHAPES), min_size=1, max_size=6),
     dtype=st.sampled_from(DTYPES),
