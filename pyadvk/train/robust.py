@@ -28,7 +28,10 @@ input of ``D`` values than on CIFAR's ``3·32·32 = 3072``, for which the paper'
 To put the paper's weight on the norm, scale ψ0 with ``D``: :func:`scaled_psi0` gives
 ``220 · D / 3072`` (18.3 for 16×16 digits, 4.6 for 8×8; ``pyadvk train --loss robust`` uses it
 unless ``--psi0`` is given). The class's default stays the paper's 220 (``psi0=`` or ``psi=``
-to change it).
+to change it). Measured (``pyadvk train --data digits --loss robust --activation half_huber
+--epochs 3``, 16×16 digits, the shared 2-core CPU VM): with ψ0 = 18.3 the test accuracy after
+epochs 1-3 is 0.32, 0.70, 0.87 (CE 1.48); with ψ0 = 220 it is 0.22, 0.13, 0.10, the network
+flattened to a constant (penalty 2e-8, CE 2.302 = ln 10).
 
 ``loss_fn.last`` holds the last batch's terms: ``ce``, ``penalty`` and ``psi`` (0-dim tensors,
 averaged per epoch by :class:`pyadvk.train.AdversarialTrainer`) and ``attacked``, the (B,) bool
