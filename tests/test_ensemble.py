@@ -224,7 +224,7 @@ def test_bad_call_arguments(data):
         attack(images, labels + 10)
     with pytest.raises(ValueError, match="images must lie in"):
         attack(images + 2, labels)
-    with pytest.raises(TypeError, match="labels must be an int64 tensor"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         attack(images, labels.float())
     with pytest.raises(ValueError, match="labels must have shape"):
         attack(images, labels[:3])

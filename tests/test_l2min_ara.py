@@ -271,3 +271,60 @@ def test_ara_reference_uses_the_seeded_permutation():
         metrics.ara(model, loader, attack="reference", procedure="pyadvk")
     with pytest.raises(ValueError, match="attack must be one of 'best', 'reference', 'l2min'; got 'fab'"):
         metrics.ara(model, loader, attack="fab")
+
+
+def test_l2min_input_check_is_the_attacks_one():
+    """Images outside the box, out-of-range labels (IndexError before), int32 labels (refused
+    before) get the check every attack shares."""
+    model = linear_model(classes=3, seed=4)
+    x = torch.rand(4, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    labels = model(x).argmax(1)
+    attack = L2Min(model, steps=5, budget=2.0)
+    with pytest.raises(ValueError, match=r"images must lie in \[lower, upper\] = \[0.0, 1.0\]"):
+        attack(x + 1.0, labels)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\).*got values in \[\d, 3\]"):
+        attack(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
+        L2Min(model, steps=5, procedure="reference")(x, torch.tensor([0, -1, 2, 1]))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        attack(x, labels.float())
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        attack(x, labels[:3])
+    expected = attack(x, labels)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(attack(x, labels.to(dtype)).distances, expected.distances)
+
+
+def test_l2min_on_step_and_ara_progress_per_step(capsys):
+    model = linear_model(classes=3, seed=4)
+    x = torch.rand(9, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    labels = model(x).argmax(1)
+    seen = []
+    L2Min(model, steps=6, budget=2.0, on_step=seen.append)(x, labels)
+    assert seen == list(range(7))  # one call per model evaluation, 0..N
+    with pytest.raises(TypeError, match="on_step must be callable"):
+        L2Min(model, on_step=3)
+    loader = DataLoader(TensorDataset(x, labels), batch_size=5)
+    metrics.ara(model, loader, n=None, steps=6, budget=2.0, fab_steps=2, attack="best", progress=True)
+    err = capsys.readouterr().err
+    # the per-step bar of each batch moves through L2Min's 7 evaluations, then counts FAB's passes
+    assert "L2Min (5 images)" in err and "L2Min (4 images)" in err and "7/7" in err
+    assert "FAB (5 images, model passes)" in err
+    # the image bar's final line is kept (not cleared)
+    last = err.rstrip().splitlines()[-1].split("\r")[-1]
+    assert "misclassify-ARA (best): 100%" in last and "9/9" in last
+
+
+def test_robustness_curve_generator_repeats():
+    model = linear_model(classes=3, seed=4)
+    x = torch.rand(64, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, model(x).argmax(1)), batch_size=16)
+    kw = dict(eps_list=[0.3, 0.5], steps=1, step_ratio=0.5, progress=False)
+    curves = [
+        metrics.robustness_curve(model, loader, generator=torch.Generator().manual_seed(s), **kw).accuracy
+        for s in (5, 5, 6, 7)
+    ]
+    assert curves[0] == curves[1]
+    assert curves[0] != curves[2] or curves[0] != curves[3]  # the random start matters: the seed is used
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        metrics.robustness_curve(model, loader, generator=5, **kw)

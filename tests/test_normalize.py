@@ -74,3 +74,108 @@ def test_with_normalization():
     torch.testing.assert_close(function(x), ((x - 0.5) / 0.25).flatten(1))
     with pytest.raises(TypeError, match=r"normalize must be None, a pyadvk.nn.Normalize or a \(mean, std\) pair"):
         with_normalization(model, (0.5,))
+
+
+# -- the normalize= option of metrics and explanations, and their care of the model's state -------
+
+
+def _model(seed=0):
+    """3-channel 4×4 images, 10 classes, with batch-norm state."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture
+def loader():
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.rand(6, 3, 4, 4, generator=g), torch.randint(0, 10, (6,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def _state(model):
+    return [v.clone() for v in model.state_dict().values()], [m.training for m in model.modules()]
+
+
+def _assert_state(model, before):
+    values, modes = _state(model)
+    assert all(torch.equal(a, b) for a, b in zip(values, before[0])) and modes == before[1]
+
+
+def test_metrics_normalize_equals_the_composed_model(loader, one_thread):
+    from pyadvk.attacks import PGD
+    from pyadvk.metrics import ara, evaluate, robust_accuracy, robustness_curve
+
+    model = _model().eval()
+    composed = nn.Sequential(Normalize(MEAN, STD), model)
+    kw = dict(eps=0.05, alpha=0.02, steps=3, generator=torch.Generator().manual_seed(0))
+    acc_option = robust_accuracy(model, loader, PGD(model, normalize=(MEAN, STD), **kw), normalize=(MEAN, STD))
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert acc_option == robust_accuracy(composed, loader, PGD(composed, **kw))
+    with pytest.raises(ValueError, match="attack PGD was built on the model without normalization"):
+        robust_accuracy(model, loader, PGD(model, steps=1), normalize=(MEAN, STD))
+
+    curve = dict(eps_list=[0.0, 0.05, 0.2], steps=2, progress=False)
+    a = robustness_curve(model, loader, generator=torch.Generator().manual_seed(1), normalize=(MEAN, STD), **curve)
+    b = robustness_curve(composed, loader, generator=torch.Generator().manual_seed(1), **curve)
+    assert a.accuracy == b.accuracy
+
+    kw_ara = dict(n=5, steps=6, budget=2.0, fab_steps=3, progress=False)
+    r1, r2 = ara(model, loader, normalize=(MEAN, STD), **kw_ara), ara(composed, loader, **kw_ara)
+    assert torch.equal(r1.distances, r2.distances) and r1.ara == r2.ara
+
+    kw_eval = dict(eps=0.05, attacks="pgd", steps=2, eps_sweep=[], progress=False)
+    e1, e2 = evaluate(model, loader, normalize=(MEAN, STD), **kw_eval), evaluate(composed, loader, **kw_eval)
+    assert e1.robust_accuracy == e2.robust_accuracy and torch.equal(e1.broken_by, e2.broken_by)
+    with pytest.raises(ValueError, match="was built on the model without normalization"):
+        evaluate(model, loader, eps=0.05, attacks=[("pgd", PGD(model, steps=1))], normalize=(MEAN, STD))
+
+
+def test_explain_normalize_equals_the_composed_model(one_thread):
+    from pyadvk.explain import adversarial_explanation, saliency
+
+    model = _model().eval()
+    composed = nn.Sequential(Normalize(MEAN, STD), model)
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    e1 = adversarial_explanation(model, x, [1, 2], steps=4, normalize=(MEAN, STD))
+    e2 = adversarial_explanation(composed, x, [1, 2], steps=4)
+    assert torch.equal(e1.adversarial, e2.adversarial) and e1.adversarial.min() >= 0
+    assert torch.equal(saliency(model, x, normalize=(MEAN, STD)), saliency(composed, x))
+
+
+def test_metrics_and_explanations_leave_the_model_state_as_found(loader, one_thread):
+    from pyadvk.explain import adversarial_explanation, saliency
+    from pyadvk.metrics import ara, evaluate, robustness_curve
+
+    model = _model().train()
+    before = _state(model)
+    robustness_curve(model, loader, [0.0, 0.05], steps=2, progress=False)
+    ara(model, loader, n=4, steps=4, budget=2.0, fab_steps=2, progress=False)
+    evaluate(model, loader, eps=0.05, attacks="pgd", steps=2, eps_sweep=[0.05], progress=False)
+    x = torch.rand(2, 3, 4, 4)
+    adversarial_explanation(model, x, [1], steps=3)
+    saliency(model, x)
+    _assert_state(model, before)
+
+
+def test_metrics_and_explanations_under_inference_mode(loader, one_thread):
+    from pyadvk.attacks import PGD
+    from pyadvk.explain import adversarial_explanation, saliency
+    from pyadvk.metrics import evaluate, robust_accuracy
+
+    model = _model().eval()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = adversarial_explanation(model, x, [1], steps=3).adversarial
+    kw_eval = dict(eps=0.05, attacks="pgd", steps=2, eps_sweep=[0.05], progress=False)
+    report = evaluate(model, loader, **kw_eval)
+    with torch.inference_mode():
+        xi = x.clone()
+        assert torch.equal(adversarial_explanation(model, xi, [1], steps=3).adversarial, expected)
+        assert saliency(model, xi).shape == x.shape
+        again = evaluate(model, loader, **kw_eval)
+        acc = robust_accuracy(model, loader, PGD(model, steps=2, random_start=False), progress=False)
+    assert 0.0 <= acc <= 1.0
+    assert torch.equal(again.broken_by, report.broken_by) and again.sweep_accuracy == report.sweep_accuracy
+    assert [c.status for c in again.checks] == [c.status for c in report.checks]

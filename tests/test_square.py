@@ -230,7 +230,7 @@ def test_bad_inputs():
         attack(images.flatten(1), labels)
     with pytest.raises(ValueError, match=r"images must lie in \[lower, upper\]"):
         attack(images + 1.0, labels)
-    with pytest.raises(TypeError, match="labels must be an int64 tensor"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         attack(images, labels.float())
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\)"):
         attack(images, labels + 10)

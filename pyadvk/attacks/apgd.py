@@ -36,6 +36,7 @@ from torch import nn
 
 from pyadvk import _checks
 from pyadvk.attacks.pgd import Attack
+from pyadvk.nn.normalize import NormalizeArg
 from pyadvk.ops import apgd_step_, random_init
 
 LOSSES = ("ce", "dlr")
@@ -190,7 +191,7 @@ class APGD(Attack):
             logits whose argmax decides success), for randomized models (>= 1).
         lower, upper: the valid input range.
         backend: force a body of the fused step ("cuda", "triton", "cpp", "torch").
-        autocast, channels_last: as in :class:`pyadvk.attacks.pgd.Attack`.
+        autocast, channels_last, normalize: as in :class:`pyadvk.attacks.pgd.Attack`.
         cuda_graph: capture one iteration (step, forward, input-gradient backward, bookkeeping)
             as a CUDA graph after three eager iterations and replay it (two graphs: the current
             and previous points alternate between two buffers); checkpoints run eagerly between
@@ -219,6 +220,7 @@ class APGD(Attack):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        normalize: NormalizeArg = None,
     ) -> None:
         super().__init__(
             model,
@@ -229,6 +231,7 @@ class APGD(Attack):
             backend=backend,
             autocast=autocast,
             channels_last=channels_last,
+            normalize=normalize,
         )
         self.loss_name = _checks.choice("loss", loss, LOSSES)
         self.loss = dlr_loss if self.loss_name == "dlr" else _cross_entropy
@@ -360,7 +363,6 @@ class APGD(Attack):
         return run.result()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(images, labels)
         if self.cuda_graph and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
         images, labels = images.detach(), labels.long()
@@ -430,6 +432,7 @@ class APGDT(APGD):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        normalize: NormalizeArg = None,
     ) -> None:
         super().__init__(
             model,
@@ -447,6 +450,7 @@ class APGDT(APGD):
             autocast=autocast,
             channels_last=channels_last,
             cuda_graph=cuda_graph,
+            normalize=normalize,
         )
         self.loss_name = "dlr-targeted"
         self.n_target_classes = _checks.integer("n_target_classes", n_target_classes, low=1)

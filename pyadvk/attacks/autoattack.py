@@ -30,6 +30,7 @@ from torch import nn
 from pyadvk import _checks
 from pyadvk.attacks.pgd import Attack
 from pyadvk.attacks.square import Square
+from pyadvk.nn.normalize import NormalizeArg
 
 VERSIONS = ("standard", "plus", "rand")
 COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -116,6 +117,9 @@ class AutoAttack(Attack):
         attacks: component names to run instead of the version's list, in this order, each with
             the version's settings; one of ``COMPONENTS``.
         progress: show a tqdm progress bar over the components.
+        normalize: ``(mean, std)`` for a model that expects normalized inputs (see
+            :class:`pyadvk.attacks.pgd.Attack`); every component attacks ``Normalize ∘ model``,
+            so eps and the images stay in pixel space.
 
     After a call, ``report`` is an :class:`AutoAttackReport`.
     """
@@ -137,6 +141,7 @@ class AutoAttack(Attack):
         cuda_graph: bool = False,
         attacks: list[str] | tuple[str, ...] | None = None,
         progress: bool = False,
+        normalize: NormalizeArg = None,
     ) -> None:
         super().__init__(
             model,
@@ -147,6 +152,7 @@ class AutoAttack(Attack):
             backend=backend,
             autocast=autocast,
             channels_last=channels_last,
+            normalize=normalize,
         )
         self.version = _checks.choice("version", version, VERSIONS)
         self.n_classes = _checks.integer("n_classes", n_classes, low=2)
@@ -257,9 +263,6 @@ class AutoAttack(Attack):
     # ----------------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(images, labels)
-        images = images.detach()
-        labels = labels.long()
         start = time.perf_counter()
         n = images.shape[0]
         adv = images.clone()

@@ -26,6 +26,7 @@ from torch import nn
 from pyadvk import _checks
 from pyadvk._modules import eval_mode
 from pyadvk.attacks.pgd import PGD
+from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
 
 def ensemble_log_prob(logits: Sequence[torch.Tensor], log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,8 @@ class EnsemblePGD(PGD):
             With ``targeted=True`` the second argument of the call holds the target classes.
         backend: force a body of the fused step ("cuda", "triton", "cpp", "torch").
         generator: the random generator of the random start.
+        normalize: ``(mean, std)`` for models that expect normalized inputs: every model is
+            attacked as ``Normalize(mean, std) ∘ model`` (see :class:`pyadvk.attacks.pgd.Attack`).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class EnsemblePGD(PGD):
         upper: float = 1.0,
         backend: str | None = None,
         generator: torch.Generator | None = None,
+        normalize: NormalizeArg = None,
     ) -> None:
         if isinstance(models, (nn.Module, str)) or not isinstance(models, Sequence):
             raise TypeError(f"models must be a list or tuple of models, got {type(models).__name__}")
@@ -98,8 +102,9 @@ class EnsemblePGD(PGD):
             upper=upper,
             backend=backend,
             generator=generator,
+            normalize=normalize,
         )
-        self.models = list(models)
+        self.models = [with_normalization(model, self.normalize) for model in models]
         self.weights = self._normalized_weights(weights, len(self.models))
         self._log_weights = torch.log(self.weights)  # -inf for zero weights: logsumexp ignores them
 
@@ -127,6 +132,9 @@ class EnsemblePGD(PGD):
         if total <= 0.0:
             raise ValueError(f"weights must not all be zero, got {values}")
         return torch.tensor([w / total for w in values], dtype=torch.float32)
+
+    def guarded_models(self) -> list[nn.Module]:
+        return self.models
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.models):

@@ -34,12 +34,15 @@ shrinking steps and so converges on it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk.attacks import _common
+from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
 CRITERIA = ("misclassify", "btr")
 PROCEDURES = ("pyadvk", "reference")
@@ -101,6 +104,13 @@ class L2Min:
     ``procedure="pyadvk"`` (default) is the box-respecting version described above;
     ``procedure="reference"`` the paper's reference code exactly (no clipping, momentum as an
     unnormalised average, the first-half check reported in ``L2MinResult.late`` and warned about).
+
+    ``normalize=(mean, std)``: the model expects ``(x − mean) / std``; the walk, the box and the
+    distances stay in pixel space (see :class:`pyadvk.nn.Normalize`). ``on_step``: called with
+    the step index ``k`` (0..N) after each of the N + 1 model evaluations (a progress bar).
+    The inputs get the check every attack shares (float images in ``[lower, upper]``, labels of
+    any integer dtype in ``[0, C)``), the model's buffers and train/eval flags are left as
+    found, and a call under ``torch.inference_mode()`` works (:mod:`pyadvk.attacks._common`).
     """
 
     def __init__(
@@ -114,10 +124,15 @@ class L2Min:
         lower: float = 0.0,
         upper: float = 1.0,
         procedure: str = "pyadvk",
+        normalize: NormalizeArg = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
-        self.model = model
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable as on_step(k), got {type(on_step).__name__}")
+        self.model = with_normalization(model, normalize)
+        self.on_step = on_step
         self.steps = _checks.integer("steps", steps, low=1)
         self.budget = _checks.real("budget", budget, low=0.0, low_inclusive=False)
         self.momentum = _checks.real("momentum", momentum, low=0.0)
@@ -133,9 +148,17 @@ class L2Min:
         return (self.budget * (n - k) / (n * (n + 1) / 2)).float()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> L2MinResult:
-        _checks.tensor("images", images)
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must be an int64 tensor of shape ({images.shape[0]},)")
+        """The smallest successful perturbation per image (see the module docstring).
+
+        Args:
+            images: (B, ...) float in ``[lower, upper]`` (for ``procedure="reference"`` too, whose
+                walk then leaves the box); labels: (B,) class indices of any integer dtype.
+        """
+        return _common.guarded_call([self.model], self._checked_call, images, labels)
+
+    def _checked_call(self, images: torch.Tensor, labels: torch.Tensor) -> L2MinResult:
+        _common.check_inputs(images, labels, self.lower, self.upper)
+        labels = labels.long()
         x0 = images.detach()
         batch = x0.shape[0]
         if batch == 0:
@@ -154,7 +177,7 @@ class L2Min:
         for k in range(self.steps + 1):
             x = (x0 + delta).clamp_(self.lower, self.upper)
             delta = x - x0
-            logits, grad = self._logits_and_grad(x, labels, check=k == 0)
+            logits, grad = self._logits_and_grad(x, labels, k)
             with torch.no_grad():
                 success = broken(logits, labels, self.criterion)
                 first = torch.where(success & (first < 0), k, first)
@@ -172,14 +195,16 @@ class L2Min:
                 delta = delta + sizes[k] * step
         return L2MinResult(best, best_rms, torch.isfinite(best_rms), first, self.steps)
 
-    def _logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, check: bool):
+    def _logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, k: int):
         x.requires_grad_(True)
         with torch.enable_grad():
             logits = self.model(x)
-            if check and (logits.dim() != 2 or logits.shape[0] != x.shape[0]):
-                raise ValueError(f"model must return logits of shape ({x.shape[0]}, C), got {tuple(logits.shape)}")
+            if k == 0:
+                _common.check_logits(logits, labels)
             loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
+        if self.on_step is not None:
+            self.on_step(k)
         return logits.detach(), grad
 
     def _reference(self, x0: torch.Tensor, labels: torch.Tensor) -> L2MinResult:
@@ -192,7 +217,7 @@ class L2Min:
         best_sq = torch.full((batch,), float("inf"), device=x0.device)
         first = torch.full((batch,), -1, dtype=torch.int64, device=x0.device)
         for k in range(n + 1):
-            logits, grad = self._logits_and_grad(x0 + delta, labels, check=k == 0)
+            logits, grad = self._logits_and_grad(x0 + delta, labels, k)
             with torch.no_grad():
                 success = broken(logits, labels, self.criterion)
                 first = torch.where(success & (first < 0), k, first)

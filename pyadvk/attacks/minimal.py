@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk.attacks import _common
 from pyadvk.attacks.pgd import Attack
+from pyadvk.nn.normalize import NormalizeArg
 
 NORMS = ("linf", "l2")
 
@@ -202,13 +204,34 @@ class MinimalAttack(Attack):
     """Common set-up of the minimal-norm attacks: the checks of :class:`Attack` (images in
     ``[lower, upper]``, int labels, (B, C) logits) and the bookkeeping of the best image."""
 
-    def __init__(self, model: nn.Module, *, norm: str, eps: float | None, lower: float, upper: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str,
+        eps: float | None,
+        lower: float,
+        upper: float,
+        normalize: NormalizeArg = None,
+    ) -> None:
         if eps is not None:
             eps = _checks.real("eps", eps, low=0.0)
-        super().__init__(model, eps=0.0 if eps is None else eps, norm=norm, lower=lower, upper=upper)
+        super().__init__(
+            model, eps=0.0 if eps is None else eps, norm=norm, lower=lower, upper=upper, normalize=normalize
+        )
         self.eps = eps  # type: ignore[assignment]  # None: no radius (only .minimal may be called)
 
     def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+        """The smallest adversarial perturbation the attack finds per image, after the shared input
+        checks, with the model's state preserved and out of inference mode (as a call)."""
+
+        def checked(images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+            self.check_inputs(images, labels)
+            return self._minimal(images.detach(), labels.long())
+
+        return _common.guarded_call(self.guarded_models(), checked, images, labels)
+
+    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -223,8 +246,7 @@ class MinimalAttack(Attack):
         return torch.where(per_sample(keep, images), result.images, images.detach())
 
     def start(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Checks the inputs; returns ``x0`` (detached), the int64 labels and the clean logits."""
-        self.check_inputs(images, labels)
+        """Returns ``x0`` (detached), the int64 labels and the clean logits (checked against the labels)."""
         labels = labels.long()
         x0 = images.detach()
         with torch.no_grad():

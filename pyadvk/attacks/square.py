@@ -44,6 +44,7 @@ from torch import nn
 
 from pyadvk import _checks
 from pyadvk.attacks.pgd import Attack
+from pyadvk.nn.normalize import NormalizeArg
 
 LOSSES = ("margin", "ce")
 # The paper's schedule: p is halved after these iterations of a 10,000-query run.
@@ -94,6 +95,8 @@ class Square(Attack):
             ascend the cross-entropy). Either way an image is broken when its margin is < 0.
         seed: seeds a generator on the images' device; the same call gives the same images.
         lower, upper: the valid input range.
+        normalize: ``(mean, std)`` for a model that expects normalized inputs (see
+            :class:`pyadvk.attacks.pgd.Attack`); eps and the images stay in pixel space.
 
     After a call, ``queries`` is a (B,) int64 tensor: the model evaluations each image cost
     (initializations and iterations over all restarts; the clean check of every image is not
@@ -113,8 +116,11 @@ class Square(Attack):
         seed: int = 0,
         lower: float = 0.0,
         upper: float = 1.0,
+        normalize: NormalizeArg = None,
     ) -> None:
-        super().__init__(model, eps=_checks.real("eps", eps, low=0.0), norm=norm, lower=lower, upper=upper)
+        super().__init__(
+            model, eps=_checks.real("eps", eps, low=0.0), norm=norm, lower=lower, upper=upper, normalize=normalize
+        )
         self.n_queries = _checks.integer("n_queries", n_queries, low=1)
         self.p_init = _checks.real("p_init", p_init, low=0.0, low_inclusive=False)
         if self.p_init > 1.0:
@@ -129,11 +135,8 @@ class Square(Attack):
     # ----------------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(images, labels)
         if images.dim() != 4:
             raise ValueError(f"images must be 4-D (B, C, H, W) for Square, got shape {tuple(images.shape)}")
-        images = images.detach()
-        labels = labels.long()
         n = images.shape[0]
         queries = torch.zeros(n, dtype=torch.int64, device=images.device)
         self.queries = queries

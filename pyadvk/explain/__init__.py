@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk.attacks import _common
 from pyadvk.attacks.l2min import rms
+from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
 
 @dataclass
@@ -76,10 +78,31 @@ def adversarial_explanation(
     overshoot: float = 5.0,
     lower: float = 0.0,
     upper: float = 1.0,
+    normalize: NormalizeArg = None,
 ) -> Explanation:
     """Explanations of ``x`` (B, C, H, W) for ``targets``: a (B, T) tensor of classes, a list of
     classes used for every image, or None for every class (true class first, then runner-up…).
-    ``labels`` name the true classes (default: the model's predictions)."""
+    ``labels`` name the true classes (default: the model's predictions).
+
+    ``normalize=(mean, std)``: the model expects ``(x − mean) / std``; ``x``, the walk (``rho``,
+    the box) and the explanation stay in pixel space. The model's buffers and train/eval flags are
+    left as found, and a call under ``torch.inference_mode()`` works."""
+    model = with_normalization(model, normalize)
+    with _common.guarded([model]):
+        return _explain(model, _common.ordinary(x), targets, labels, rho, steps, overshoot, lower, upper)
+
+
+def _explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor | Sequence[int] | None,
+    labels: torch.Tensor | None,
+    rho: float,
+    steps: int,
+    overshoot: float,
+    lower: float,
+    upper: float,
+) -> Explanation:
     _checks.tensor("x", x)
     rho = _checks.real("rho", rho, low=0.0, low_inclusive=False)
     steps = _checks.integer("steps", steps, low=1)
@@ -129,15 +152,20 @@ def adversarial_explanation(
     return Explanation(x, probs, targets, adv.view(batch, t, *x.shape[1:]), p_target.view(batch, t))
 
 
-def saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+def saliency(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, *, normalize: NormalizeArg = None
+) -> torch.Tensor:
     """Gradient saliency ``|∂ log p(t | x) / ∂x|`` (same shape as ``x``); ``t`` defaults to the
-    prediction."""
+    prediction. ``normalize=(mean, std)``: the model expects ``(x − mean) / std`` and the gradient
+    is taken with respect to the pixels ``x``. The model's state is left as found."""
     _checks.tensor("x", x)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logp = model(x).float().log_softmax(dim=1)
-        t = logp.argmax(dim=1) if target is None else target.to(x.device, torch.long)
-        (grad,) = torch.autograd.grad(logp.gather(1, t[:, None]).sum(), x)
+    model = with_normalization(model, normalize)
+    with _common.guarded([model]):
+        x = _common.ordinary(x).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logp = model(x).float().log_softmax(dim=1)
+            t = logp.argmax(dim=1) if target is None else target.to(x.device, torch.long)
+            (grad,) = torch.autograd.grad(logp.gather(1, t[:, None]).sum(), x)
     return grad.abs()
 
 

@@ -41,10 +41,42 @@ from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
 from pyadvk._modules import model_device
+from pyadvk.attacks import _common
+from pyadvk.attacks.fab import FAB
 from pyadvk.attacks.l2min import CRITERIA, PROCEDURES, L2Min
+from pyadvk.nn.normalize import Normalize, NormalizeArg, with_normalization
 
 ATTACKS = ("best", "reference", "l2min")
 REFERENCE_SEED = 1776  # the reference code's torch.manual_seed before its test-set permutation
+
+
+def check_attack_normalization(attack: object, model: nn.Module) -> None:
+    """Refuses an attack built on the bare model when a metric was given ``normalize=``: ``model``
+    is then ``Normalize ∘ bare``, and an attack whose model is ``bare`` itself would attack the
+    model on pixels it reads as normalized values."""
+    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize)):
+        return
+    bare = model[1]
+    models = getattr(attack, "models", None) or [getattr(attack, "model", None)]
+    if any(m is bare for m in models):
+        raise ValueError(
+            f"attack {type(attack).__name__} was built on the model without normalization, but normalize= was "
+            "given: build the attack with the same normalize=(mean, std) (or on Normalize(mean, std) ∘ model)"
+        )
+
+
+class _Counting(nn.Module):
+    """``model`` that calls ``tick()`` before each forward pass (progress of an attack whose steps
+    cannot be observed otherwise)."""
+
+    def __init__(self, model: nn.Module, tick) -> None:
+        super().__init__()
+        self.model = model
+        self.tick = tick
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tick()
+        return self.model(x)
 
 
 def ara_from_distances(distances: torch.Tensor, num_classes: int) -> float:
@@ -178,11 +210,7 @@ def plot_ara(results: list[AraResult], path: str, title: str = "Accuracy under m
     save_figure(fig, path, dpi=120)
 
 
-def _fab(model: nn.Module, steps: int):
-    try:
-        from pyadvk.attacks.fab import FAB
-    except ImportError as e:
-        raise ImportError(f"attack='best' needs pyadvk.attacks.fab.FAB ({e}); use attack='l2min' or 'reference'") from e
+def _fab(model: nn.Module, steps: int) -> FAB:
     return FAB(model, norm="l2", steps=steps, targeted=False, restarts=1, seed=0, lower=0.0, upper=1.0)
 
 
@@ -219,6 +247,7 @@ def ara(
     procedure: str | None = None,
     seed: int = REFERENCE_SEED,
     fab_steps: int = 100,
+    normalize: NormalizeArg = None,
 ) -> AraResult:
     """ARA of ``model`` on the first ``n`` images of ``loader`` (all of them for ``n=None``; see
     the module docstring).
@@ -235,6 +264,13 @@ def ara(
     group every rank attacks its own loader and the distances are gathered: build the loaders with
     :func:`pyadvk.distributed.shard_loader` (which takes ``n``) and pass ``n=None``; the result is
     the same as one process on the same images.
+
+    ``normalize=(mean, std)``: the model expects ``(x − mean) / std`` of the loader's images in
+    [0, 1]; the attacks and the distances stay in pixel space. The model's buffers and train/eval
+    flags are left as found.
+
+    With ``progress``, one bar counts the images (its last line is kept) and a second one the
+    steps of the batch being attacked: L2Min's N + 1 evaluations, then FAB's model passes.
     """
     criterion = _checks.choice("criterion", criterion, CRITERIA)
     attack = _checks.choice("attack", attack, ATTACKS)
@@ -267,9 +303,22 @@ def ara(
             collate_fn=loader.collate_fn,
         )
     device = torch.device(device) if device is not None else model_device(model)
-    l2min = L2Min(model, steps=steps, budget=budget, momentum=momentum, criterion=criterion, procedure=procedure)
+    model = with_normalization(model, normalize)
+    show = progress and distributed.is_main()
+    total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
+    bar = tqdm(total=total, desc=f"{criterion}-ARA ({attack})", unit="img", disable=not show)
+    step_bar = tqdm(desc="L2Min", unit="step", leave=False, disable=not show)
+    l2min = L2Min(
+        model,
+        steps=steps,
+        budget=budget,
+        momentum=momentum,
+        criterion=criterion,
+        procedure=procedure,
+        on_step=lambda k: step_bar.update(1),
+    )
     use_fab = attack == "best" and criterion == "misclassify"
-    fab = _fab(model, fab_steps) if use_fab else None
+    fab = _fab(_Counting(model, lambda: step_bar.update(1)), fab_steps) if use_fab else None
     note = (
         "criterion 'btr': FAB does not apply (no decision boundary between classes); L2Min alone"
         if (attack == "best" and not use_fab)
@@ -278,34 +327,33 @@ def ara(
     distances, winners = [], []
     late = 0
     seen = 0
-    total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
-    bar = tqdm(
-        total=total,
-        desc=f"{criterion}-ARA ({attack})",
-        unit="img",
-        leave=False,
-        disable=not progress or not distributed.is_main(),
-    )
-    for images, labels in loader:
-        if n is not None:
-            images, labels = images[: n - seen], labels[: n - seen]
-        images, labels = images.to(device), labels.to(device)
-        if num_classes is None:
-            with torch.no_grad():
-                num_classes = model(images[:1]).shape[1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # counted in ``late`` and warned about once below
-            found = l2min(images, labels)
-        d = found.distances.cpu()
-        late += int(found.late.sum())
-        if fab is not None:
-            d, winner = _best_of(model, images, labels, d, fab)
-            winners += winner
-        distances.append(d)
-        seen += len(images)
-        bar.update(len(images))
-        if n is not None and seen >= n:
-            break
+    with _common.guarded([model]):
+        for images, labels in loader:
+            if n is not None:
+                images, labels = images[: n - seen], labels[: n - seen]
+            images, labels = _common.ordinary(images.to(device)), _common.ordinary(labels.to(device))
+            if num_classes is None:
+                with torch.no_grad():
+                    num_classes = model(images[:1]).shape[1]
+            step_bar.reset(total=steps + 1)
+            step_bar.set_description(f"L2Min ({len(images)} images)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # counted in ``late`` and warned about once below
+                found = l2min(images, labels)
+            d = found.distances.cpu()
+            late += int(found.late.sum())
+            if fab is not None:
+                step_bar.total = None  # FAB's passes are counted, not announced
+                step_bar.reset()
+                step_bar.set_description(f"FAB ({len(images)} images, model passes)")
+                d, winner = _best_of(model, images, labels, d, fab)
+                winners += winner
+            distances.append(d)
+            seen += len(images)
+            bar.update(len(images))
+            if n is not None and seen >= n:
+                break
+    step_bar.close()
     bar.close()
     d = distributed.all_gather_cat(torch.cat(distances) if distances else torch.empty(0))
     if d.numel() == 0:

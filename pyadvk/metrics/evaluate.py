@@ -50,10 +50,13 @@ from tqdm.auto import tqdm
 
 from pyadvk import _checks
 from pyadvk._modules import model_device
+from pyadvk.attacks import _common
 from pyadvk.attacks.apgd import APGD
 from pyadvk.attacks.autoattack import MIN_CLASSES, AutoAttack
 from pyadvk.attacks.pgd import PGD
 from pyadvk.attacks.square import Square
+from pyadvk.metrics.ara import check_attack_normalization
+from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -294,6 +297,7 @@ def evaluate(
     lower: float = 0.0,
     upper: float = 1.0,
     progress: bool = True,
+    normalize: NormalizeArg = None,
 ) -> Evaluation:
     """Robust accuracy of ``model`` on the first ``n`` images of ``loader`` (all for None) under
     ``attacks``, with the checks of the module docstring.
@@ -314,9 +318,13 @@ def evaluate(
             AutoAttack's settings: 100 iterations, 5000 Square queries).
         grad_threshold: the ``zero_gradients`` check warns above this share of images.
         seed: seeds the presets' random starts and searches.
+        normalize: ``(mean, std)`` for a model that expects ``(x − mean) / std``: everything runs
+            on ``Normalize(mean, std) ∘ model``, so the images, eps and the budget check stay in
+            pixel space; attacks given as pairs must be built with the same ``normalize=``.
 
     Returns an :class:`Evaluation`. The images are gathered on the CPU and attacked in batches of
-    the loader's batch size on ``device`` (default: the model's).
+    the loader's batch size on ``device`` (default: the model's). The model's buffers and train/eval
+    flags are left as found, and a call under ``torch.inference_mode()`` works.
     """
     norm = _checks.choice("norm", norm, NORMS)
     eps = _checks.real("eps", eps, low=0.0, low_inclusive=False)
@@ -350,98 +358,108 @@ def evaluate(
             raise ValueError(f"eps_sweep must be increasing, got {sweep_eps}")
     device = torch.device(device) if device is not None else model_device(model)
 
-    images, labels, batch = _collect(loader, n)
-    total = len(labels)
-    lo, hi = float(images.min()), float(images.max())
-    if lo < lower or hi > upper:
-        raise ValueError(f"images must lie in [lower, upper] = [{lower}, {upper}], got values in [{lo:.4g}, {hi:.4g}]")
-    with torch.no_grad():
-        first = model(images[:batch].to(device))
-    if not isinstance(first, torch.Tensor) or first.dim() != 2 or first.shape[0] != min(batch, total):
-        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
-        raise ValueError(f"model must return logits of shape (B, C), got {shape} for a batch of {min(batch, total)}")
-    num_classes = first.shape[1]
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"labels must be classes in [0, {num_classes}) (the model's logits), got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
-    if preset is not None:
-        pairs = _preset(preset, model, norm, eps, num_classes, steps, seed, device)
+    model = with_normalization(model, normalize)
+    for _, attack in pairs:
+        check_attack_normalization(attack, model)
+    with _common.guarded([model]):
+        images, labels, batch = _collect(loader, n)
+        total = len(labels)
+        lo, hi = float(images.min()), float(images.max())
+        if lo < lower or hi > upper:
+            raise ValueError(
+                f"images must lie in [lower, upper] = [{lower}, {upper}], got values in [{lo:.4g}, {hi:.4g}]"
+            )
+        with torch.no_grad():
+            first = model(images[:batch].to(device))
+        if not isinstance(first, torch.Tensor) or first.dim() != 2 or first.shape[0] != min(batch, total):
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+            raise ValueError(
+                f"model must return logits of shape (B, C), got {shape} for a batch of {min(batch, total)}"
+            )
+        num_classes = first.shape[1]
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(
+                f"labels must be classes in [0, {num_classes}) (the model's logits), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        if preset is not None:
+            pairs = _preset(preset, model, norm, eps, num_classes, steps, seed, device)
 
-    checks = [_randomness_check(model, images[:batch].to(device), first)]
-    correct = torch.cat([_predict(model, images[i : i + batch].to(device)).cpu() for i in range(0, total, batch)])
-    correct = correct == labels
-    broken_by = torch.where(correct, -1, -2)
-    results = []
-    for k, (name, attack) in enumerate(pairs):
-        todo = (broken_by == -1).nonzero()[:, 0]
-        bar = tqdm(total=len(todo), desc=name, unit="img", leave=False, disable=not progress)
-        broken = outside = 0
-        start = time.perf_counter()
-        for idx in _chunks(todo, batch):
-            x, y = images[idx].to(device), labels[idx].to(device)
-            adv = attack(x, y)
-            if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
-                what = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
-                want = tuple(x.shape)
-                raise ValueError(f"attack {name!r} must return adversarial images of shape {want}, got {what}")
-            adv = adv.detach()
-            inside = (_distance(adv - x, norm) <= eps * (1 + 1e-5) + 1e-6) & (
-                adv.reshape(len(adv), -1).amin(dim=1) >= lower - 1e-6
-            )
-            inside &= adv.reshape(len(adv), -1).amax(dim=1) <= upper + 1e-6
-            success = ((_predict(model, adv) != y) & inside).cpu()
-            broken_by[idx[success]] = k
-            broken += int(success.sum())
-            outside += int((~inside).sum())
-            bar.update(len(idx))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        bar.close()
-        results.append(
-            AttackResult(
-                name=name,
-                black_box=is_black_box(attack),
-                attacked=len(todo),
-                broken=broken,
-                robust_accuracy=int((broken_by == -1).sum()) / total,
-                seconds=time.perf_counter() - start,
-                out_of_budget=outside,
-            )
-        )
-    robust = int((broken_by == -1).sum()) / total
-    checks.append(_black_box_check(results, total))
-    checks.append(_gradient_check(model, images, labels, batch, device, grad_threshold))
-    sweep_name, sweep_acc = "", []
-    if sweep_eps:
-        sweep_name = _sweep_attack(preset, model, norm, sweep_eps[0], sweep_steps, seed, device)[0]
-        for e in sweep_eps:
-            _, attack = _sweep_attack(preset, model, norm, e, sweep_steps, seed, device)
-            survive = correct.clone()
-            todo = correct.nonzero()[:, 0]
-            for idx in tqdm(list(_chunks(todo, batch)), desc=f"sweep eps={e:.4g}", leave=False, disable=not progress):
+        checks = [_randomness_check(model, images[:batch].to(device), first)]
+        correct = torch.cat([_predict(model, images[i : i + batch].to(device)).cpu() for i in range(0, total, batch)])
+        correct = correct == labels
+        broken_by = torch.where(correct, -1, -2)
+        results = []
+        for k, (name, attack) in enumerate(pairs):
+            todo = (broken_by == -1).nonzero()[:, 0]
+            bar = tqdm(total=len(todo), desc=name, unit="img", leave=False, disable=not progress)
+            broken = outside = 0
+            start = time.perf_counter()
+            for idx in _chunks(todo, batch):
                 x, y = images[idx].to(device), labels[idx].to(device)
-                survive[idx] = (_predict(model, attack(x, y).detach()) == y).cpu()
-            sweep_acc.append(int(survive.sum()) / total)
-        checks.append(sweep_check(sweep_eps, sweep_acc, num_classes, total))
-    else:
-        checks.append(Check("eps_sweep", "skipped", "no budgets given (eps_sweep=[])"))
-    checks.append(_budget_check(results))
-    return Evaluation(
-        norm=norm,
-        eps=eps,
-        n=total,
-        num_classes=num_classes,
-        clean_accuracy=int(correct.sum()) / total,
-        attacks=results,
-        robust_accuracy=robust,
-        checks=checks,
-        sweep_attack=sweep_name,
-        sweep_eps=sweep_eps,
-        sweep_accuracy=sweep_acc,
-        broken_by=broken_by,
-    )
+                adv = attack(x, y)
+                if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
+                    what = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
+                    want = tuple(x.shape)
+                    raise ValueError(f"attack {name!r} must return adversarial images of shape {want}, got {what}")
+                adv = adv.detach()
+                inside = (_distance(adv - x, norm) <= eps * (1 + 1e-5) + 1e-6) & (
+                    adv.reshape(len(adv), -1).amin(dim=1) >= lower - 1e-6
+                )
+                inside &= adv.reshape(len(adv), -1).amax(dim=1) <= upper + 1e-6
+                success = ((_predict(model, adv) != y) & inside).cpu()
+                broken_by[idx[success]] = k
+                broken += int(success.sum())
+                outside += int((~inside).sum())
+                bar.update(len(idx))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            bar.close()
+            results.append(
+                AttackResult(
+                    name=name,
+                    black_box=is_black_box(attack),
+                    attacked=len(todo),
+                    broken=broken,
+                    robust_accuracy=int((broken_by == -1).sum()) / total,
+                    seconds=time.perf_counter() - start,
+                    out_of_budget=outside,
+                )
+            )
+        robust = int((broken_by == -1).sum()) / total
+        checks.append(_black_box_check(results, total))
+        checks.append(_gradient_check(model, images, labels, batch, device, grad_threshold))
+        sweep_name, sweep_acc = "", []
+        if sweep_eps:
+            sweep_name = _sweep_attack(preset, model, norm, sweep_eps[0], sweep_steps, seed, device)[0]
+            for e in sweep_eps:
+                _, attack = _sweep_attack(preset, model, norm, e, sweep_steps, seed, device)
+                survive = correct.clone()
+                todo = correct.nonzero()[:, 0]
+                for idx in tqdm(
+                    list(_chunks(todo, batch)), desc=f"sweep eps={e:.4g}", leave=False, disable=not progress
+                ):
+                    x, y = images[idx].to(device), labels[idx].to(device)
+                    survive[idx] = (_predict(model, attack(x, y).detach()) == y).cpu()
+                sweep_acc.append(int(survive.sum()) / total)
+            checks.append(sweep_check(sweep_eps, sweep_acc, num_classes, total))
+        else:
+            checks.append(Check("eps_sweep", "skipped", "no budgets given (eps_sweep=[])"))
+        checks.append(_budget_check(results))
+        return Evaluation(
+            norm=norm,
+            eps=eps,
+            n=total,
+            num_classes=num_classes,
+            clean_accuracy=int(correct.sum()) / total,
+            attacks=results,
+            robust_accuracy=robust,
+            checks=checks,
+            sweep_attack=sweep_name,
+            sweep_eps=sweep_eps,
+            sweep_accuracy=sweep_acc,
+            broken_by=broken_by,
+        )
 
 
 def _randomness_check(model: nn.Module, x: torch.Tensor, first: torch.Tensor) -> Check:

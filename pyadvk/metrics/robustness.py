@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
 from pyadvk._modules import model_device
-from pyadvk.attacks import PGD
+from pyadvk.attacks import PGD, _common
+from pyadvk.metrics.ara import check_attack_normalization
+from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
 
 def _batches(loader: DataLoader, n: int | None, device: torch.device):
@@ -44,10 +46,18 @@ def robust_accuracy(
     n: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    normalize: NormalizeArg = None,
 ) -> float:
     """Fraction of the first ``n`` images (all by default) that ``model`` classifies correctly after
     ``attack(images, labels)``; ``attack=None`` gives the clean accuracy. In a process group the
-    counts of every rank's loader are summed (see :func:`pyadvk.metrics.ara`)."""
+    counts of every rank's loader are summed (see :func:`pyadvk.metrics.ara`).
+
+    ``normalize=(mean, std)``: the model expects ``(x − mean) / std`` of the loader's pixel-space
+    images; build the attack with the same ``normalize=`` (an attack on the bare model without it
+    is refused). The model's buffers and train/eval flags are left as found."""
+    model = with_normalization(model, normalize)
+    if normalize is not None:
+        check_attack_normalization(attack, model)
     return _count(model, loader, attack, n, device, progress, "robust accuracy").value
 
 
@@ -62,11 +72,13 @@ def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
     device = torch.device(device) if device is not None else model_device(model)
     correct = total = 0
     bar = tqdm(_batches(loader, n, device), desc=desc, leave=False, disable=not progress or not distributed.is_main())
-    for images, labels in bar:
-        x = images if attack is None else attack(images, labels)
-        with torch.no_grad():
-            correct += int((model(x).argmax(dim=1) == labels).sum())
-        total += len(labels)
+    with _common.guarded([model]):
+        for images, labels in bar:
+            images, labels = _common.ordinary(images), _common.ordinary(labels)
+            x = images if attack is None else attack(images, labels)
+            with torch.no_grad():
+                correct += int((model(x).argmax(dim=1) == labels).sum())
+            total += len(labels)
     correct, total = (int(v) for v in distributed.all_reduce_sum([correct, total]))
     if total == 0:
         raise ValueError("loader yielded no images")
@@ -122,16 +134,33 @@ def robustness_curve(
     progress: bool = True,
     label: str = "",
     backend: str | None = None,
+    generator: torch.Generator | None = None,
+    normalize: NormalizeArg = None,
 ) -> RobustnessCurve:
     """Robust accuracy under PGD-``steps`` (random start, step ``alpha = step_ratio·eps/steps``)
-    for each ``eps`` in ``eps_list`` (eps = 0 gives the clean accuracy)."""
+    for each ``eps`` in ``eps_list`` (eps = 0 gives the clean accuracy).
+
+    ``generator``: draws every random start (a ``torch.Generator`` on the images' device), so two
+    calls with generators seeded alike give the same curve; default torch's global generator.
+    ``normalize=(mean, std)``: the model expects ``(x − mean) / std``; eps stays in pixel space."""
     if not len(eps_list):
         raise ValueError("eps_list must hold at least one budget")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    model = with_normalization(model, normalize)
     accuracy = []
     for eps in eps_list:
         _checks.real("eps", eps, low=0.0)
         attack = None
         if eps > 0:
-            attack = PGD(model, eps=eps, alpha=step_ratio * eps / steps, steps=steps, norm=norm, backend=backend)
+            attack = PGD(
+                model,
+                eps=eps,
+                alpha=step_ratio * eps / steps,
+                steps=steps,
+                norm=norm,
+                backend=backend,
+                generator=generator,
+            )
         accuracy.append(_count(model, loader, attack, n, device, progress, f"PGD eps={eps:g}").value)
     return RobustnessCurve([float(e) for e in eps_list], accuracy, norm, label)
