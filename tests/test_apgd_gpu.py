@@ -1,6 +1,7 @@
 """The cuda and triton bodies of the fused APGD step on a GPU, against the torch reference (skipped
 without a GPU): fresh random cases, CIFAR and ImageNet sizes, opcheck, no host sync in a loop of
-steps, CUDA-graph capture, torch.compile."""
+steps nor in the iterations of an APGD run (eager and replayed from CUDA graphs), CUDA-graph
+capture, torch.compile."""
 
 from __future__ import annotations
 
@@ -147,3 +148,38 @@ def test_inductor_compiles_the_step(backend):
     got = torch.compile(two_steps, fullgraph=True)(x, got_prev, x_orig, grad)
     torch.testing.assert_close(got_prev, expected_prev, rtol=0, atol=1e-6)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_attack_iterations_do_not_sync(monkeypatch, cuda_graph):
+    """After a run has evaluated its start, its iterations and checkpoints run without a host
+    sync (set_sync_debug_mode("error") until the run returns); with cuda_graph=True, on a call
+    that replays the graphs the first call captured."""
+    from pyadvk.attacks import APGD
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10)
+    ).cuda()
+    images = torch.rand(64, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # every image is attacked
+    attack = APGD(model, eps=8 / 255, steps=12, cuda_graph=cuda_graph)
+    attack(images, labels)  # warm-up; captures the graphs
+    begin, run = APGD._begin, APGD._run
+
+    def checked_begin(self, *args):
+        begin(self, *args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def checked_run(self, *args):
+        try:
+            return run(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(APGD, "_begin", checked_begin)
+    monkeypatch.setattr(APGD, "_run", checked_run)
+    out = attack(images, labels)
+    assert out.shape == images.shape and torch.isfinite(out).all()
