@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.pyadvk-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install lint format test demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 $(STAMP): requirements.txt setup.py pyproject.toml $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The whole suite (what CI runs), hypothesis profile "ci" unless HYPOTHESIS_PROFILE says otherwise.
 test: install
 	$(PY) -m pytest -q tests
+
+# The edit loop: the suite without the tests marked slow (over ~10 s on a 2-core CPU) or gpu, and
+# hypothesis profile "dev" (a few examples per property) unless HYPOTHESIS_PROFILE is set.
+test-fast: install
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-dev} $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 demo: install
 	$(PY) -m pyadvk demo

@@ -58,6 +58,7 @@ def linear_setup(n=40):
     return model, x, labels, exact_rms, delta
 
 
+@pytest.mark.slow
 def test_best_reaches_the_exact_linear_distances_and_never_exceeds_l2min():
     pytest.importorskip("pyadvk.attacks.fab")
     model, x, labels, exact_rms, _ = linear_setup()
@@ -149,6 +150,7 @@ def _ara_cli(path, out, attack, n=10):
     return main(args + ([] if attack is None else ["--attack", attack]))
 
 
+@pytest.mark.slow
 def test_cli_attack_l2min_and_reference(tmp_path, capsys):
     from pyadvk import data
 
@@ -176,6 +178,7 @@ def test_cli_attack_l2min_and_reference(tmp_path, capsys):
         main(["ara", "--model", path, "--data", "digits:8", "--attack", "fab"])
 
 
+@pytest.mark.slow
 def test_cli_default_attack_is_best(tmp_path, capsys):
     pytest.importorskip("pyadvk.attacks.fab")
     _, path = _model_file(tmp_path)

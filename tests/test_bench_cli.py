@@ -70,6 +70,7 @@ def _run_cli(suite: Path, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_quick_run_prints_one_table_and_the_rows_that_did_not_run(tiny_suite, tmp_path):
     out = tmp_path / "res"
     proc = _run_cli(tiny_suite, "--quick", "--backends", "cpp,cuda,foolbox", "--device", "cpu", "--out", str(out))

@@ -25,6 +25,7 @@ def _nvcc() -> str | None:
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (no CUDA toolkit): CUDA sources not compile-checked")
+@pytest.mark.slow
 def test_cuda_sources_compile(tmp_path):
     assert CUDA_SOURCES, "no CUDA sources found under csrc/cuda"
     includes = include_paths() + [os.path.join(ROOT, "csrc")]

@@ -43,6 +43,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_model_checkpoint_history(trained):
     assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "history.json", "model.pt"]
     history = json.loads((trained / "history.json").read_text())["history"]
@@ -51,6 +52,7 @@ def test_train_writes_model_checkpoint_history(trained):
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_train_resumes(trained, capsys):
     assert (
         main(
@@ -77,6 +79,7 @@ def test_train_resumes(trained, capsys):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_ara_command(trained, tmp_path, capsys):
     assert (
         main(
@@ -154,6 +157,7 @@ def test_fitting_input_shapes_keeps_the_mode():
     assert models.first_layer_channels(model) == 3 and models.first_layer_channels(nn.Linear(2, 2)) is None
 
 
+@pytest.mark.slow
 def test_help_for_every_command():
     for command in ("info", "demo", "train", "ara", "explain", "stats", "bench"):
         result = run_cli(command, "--help")

@@ -353,6 +353,7 @@ def _worker(rank, tmp, defaults):
 
 
 @pytest.mark.parametrize("defaults", [False, True], ids=["fixed-range", "defaults"])
+@pytest.mark.slow
 def test_sync_across_ranks_equals_one_process(tmp_path, defaults):
     """With a given histogram range: identical to one process. With the default settings (each
     rank's range from its own first batch): identical but for the histogram, which is within
