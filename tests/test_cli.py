@@ -215,6 +215,7 @@ def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
         ("consistent", ["--consistent-layers", "classifier.2"]),
     ],
 )
+@pytest.mark.slow
 def test_train_with_paper_losses(loss, extra, tmp_path):
     out = tmp_path / loss
     code = main(
