@@ -9,6 +9,7 @@ from numbers import Real
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _dtype_names(dtypes) -> str:
@@ -81,11 +82,16 @@ def per_sample(
 ) -> tuple[float, torch.Tensor | None]:
     """A scalar or per-sample value: returns (float, None) or (0.0, float32 tensor of shape (batch,)).
 
-    Tensor values are checked (>= 0, or > 0 if ``positive``) when ``check_values``; on a CUDA
-    tensor that costs one device sync, which attack loops avoid by checking once per attack.
+    The value must be >= 0 (or > 0 if ``positive``) and finite in float32, the type every body
+    computes in: inf, and floats beyond float32's largest value (3.4e38, such as 1e39, which
+    float32 rounds to inf), are refused. Tensor values are checked when ``check_values``; on a
+    CUDA tensor that costs one device sync, which attack loops avoid by checking once per attack.
     """
     if not isinstance(value, torch.Tensor):
-        return real(name, value, low=0.0, low_inclusive=not positive), None
+        value = real(name, value, low=0.0, low_inclusive=not positive)
+        if not value <= FLOAT32_MAX:
+            raise ValueError(f"{name} must be finite in float32 (at most {FLOAT32_MAX:.7g}), got {value}")
+        return value, None
     if not (value.is_floating_point() and value.dim() == 1 and value.shape[0] == batch):
         raise ValueError(
             f"{name} must be a float or a floating tensor of shape ({batch},) (one value per sample), "
@@ -95,12 +101,16 @@ def per_sample(
         raise ValueError(f"{name} must be on {device}, got {value.device}")
     value = value.to(torch.float32).contiguous()
     if check_values and batch:
-        bad = torch.isnan(value) | (value <= 0 if positive else value < 0)
-        if bool(bad.any()):
+        bad = torch.isnan(value) | torch.isinf(value) | (value <= 0 if positive else value < 0)
+        if bool(bad.any()):  # the one sync
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{name} must be {'>' if positive else '>='} 0 for every sample, got {float(value[i])} for sample {i}"
-            )
+            v = float(value[i])
+            if math.isinf(v) and v > 0:
+                raise ValueError(
+                    f"{name} must be finite in float32 (at most {FLOAT32_MAX:.7g}) for every sample, "
+                    f"got {v} for sample {i}"
+                )
+            raise ValueError(f"{name} must be {'>' if positive else '>='} 0 for every sample, got {v} for sample {i}")
     return 0.0, value
 
 

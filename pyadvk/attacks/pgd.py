@@ -15,8 +15,6 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.attacks import _common
-from pyadvk.nn.normalize import NormalizeArg, as_normalize, with_normalization
 from pyadvk.ops import pgd as _pgd
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,14 +37,6 @@ class Attack:
             the perturbation and the step stay float32; only the model's arithmetic is reduced.
         channels_last: keep 4-D images (and so the model's activations) in channels_last
             memory format, which tensor-core convolutions prefer.
-        normalize: ``(mean, std)`` (or a :class:`pyadvk.nn.Normalize`) for a model that expects
-            ``(x − mean) / std``: the attack runs on ``Normalize(mean, std) ∘ model``, so images,
-            eps and the result stay in pixel space (torchattacks' ``set_normalization_used``).
-
-    Every call checks its inputs once (:func:`pyadvk.attacks._common.check_inputs`: float images
-    in ``[lower, upper]``, labels of any integer dtype and shape (B,), each in ``[0, C)`` of the
-    model's output), leaves the model's buffers and train/eval flags exactly as it found them,
-    and works under ``torch.inference_mode()`` (see :mod:`pyadvk.attacks._common`).
     """
 
     def __init__(
@@ -62,14 +52,12 @@ class Attack:
         backend: str | None = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
-        normalize: NormalizeArg = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         if loss is not None and not callable(loss):
             raise TypeError(f"loss must be callable as loss(logits, labels), got {type(loss).__name__}")
-        self.normalize = as_normalize(normalize)
-        self.model = with_normalization(model, self.normalize)
+        self.model = model
         self.norm = _checks.choice("norm", norm, _pgd.NORMS)
         if not isinstance(eps, torch.Tensor):
             _checks.real("eps", eps, low=0.0)
@@ -84,31 +72,41 @@ class Attack:
         self.channels_last = bool(channels_last)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The adversarial images: :meth:`forward` after the input checks, with the model's state
-        preserved and out of inference mode (see the class docstring)."""
-        return _common.guarded_call(self.guarded_models(), self._checked_forward, images, labels)
-
-    def _checked_forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(images, labels)
-        return self.forward(images.detach(), labels.long())
-
-    def guarded_models(self) -> list[nn.Module]:
-        """The models whose state a call preserves."""
-        return [self.model]
+        return self.forward(images, labels)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The attack itself, on checked inputs (int64 labels); call the attack, not this."""
         raise NotImplementedError
 
     def check_inputs(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Rejects bad images/labels before any work (one device sync for the value checks)."""
-        _common.check_inputs(images, labels, self.lower, self.upper)
+        _checks.tensor("images", images)
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be an int64 tensor of class indices, got {what}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},) (one per image), got {tuple(labels.shape)}")
+        if labels.device != images.device:
+            raise ValueError(f"labels must be on the device of images ({images.device}), got {labels.device}")
         if self.channels_last and images.dim() != 4:
             raise ValueError(f"channels_last=True needs 4-D images (B, C, H, W), got shape {tuple(images.shape)}")
+        if images.numel():
+            lo_t, hi_t = torch.aminmax(images.detach())
+            lo, hi = float(lo_t), float(hi_t)
+            if not (self.lower <= lo and hi <= self.upper):
+                raise ValueError(
+                    f"images must lie in [lower, upper] = [{self.lower}, {self.upper}], got values in "
+                    f"[{lo}, {hi}]; pass lower=/upper= for another input range"
+                )
 
     def check_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """The model's output must be (B, C) logits with every label in [0, C)."""
-        _common.check_logits(logits, labels)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"model must return logits of shape ({labels.shape[0]}, C), got {shape}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+            raise ValueError(
+                f"labels must be class indices in [0, {logits.shape[1]}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
 
     def input_grad(self, x: torch.Tensor, labels: torch.Tensor, first: bool = False) -> torch.Tensor:
         """Gradient of the attack objective with respect to the input only (to ascend)."""
@@ -129,8 +127,7 @@ class Attack:
         return grad
 
     def __repr__(self) -> str:
-        skip = ("model", "models", "loss") + (("normalize",) if self.normalize is None else ())
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in skip)
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("model", "loss"))
         return f"{type(self).__name__}({fields})"
 
 
@@ -173,7 +170,6 @@ class PGD(Attack):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
-        normalize: NormalizeArg = None,
     ) -> None:
         super().__init__(
             model,
@@ -186,7 +182,6 @@ class PGD(Attack):
             backend=backend,
             autocast=autocast,
             channels_last=channels_last,
-            normalize=normalize,
         )
         self.cuda_graph = bool(cuda_graph)
         if not isinstance(alpha, torch.Tensor):
@@ -198,6 +193,7 @@ class PGD(Attack):
         self.generator = generator
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(images, labels)
         if self.cuda_graph and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
         images = images.detach()
@@ -205,16 +201,14 @@ class PGD(Attack):
             images = images.contiguous(memory_format=torch.channels_last)
         if images.numel() == 0:
             return images.clone()
-        norm, eps, eps_t, alpha, alpha_t, lower, upper = _pgd.step_params(
-            images, self.eps, self.alpha, self.norm, self.lower, self.upper
-        )
+        params = _pgd.step_params(images, self.eps, self.alpha, self.norm, self.lower, self.upper)
         if self.random_start:
             x_adv = _pgd.random_init(
                 images,
                 eps=self.eps,
-                norm=norm,
-                lower=lower,
-                upper=upper,
+                norm=params.norm,
+                lower=params.lower,
+                upper=params.upper,
                 generator=self.generator,
                 backend=self.backend,
                 check_values=False,
@@ -228,7 +222,7 @@ class PGD(Attack):
             if momentum is not None:
                 grad = self._momentum(momentum, grad).to(grad.dtype)
             with torch.no_grad():
-                _pgd.run_step(norm, True, x_adv, images, grad, eps, alpha, eps_t, alpha_t, lower, upper, self.backend)
+                _pgd.run_step(params, x_adv, images, grad, inplace=True, backend=self.backend)
 
         warmup = 2  # eager steps before capture (the first one also checks the logits)
         if not self.cuda_graph or self.steps <= warmup:

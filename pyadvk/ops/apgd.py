@@ -1,6 +1,16 @@
 """The fused APGD step (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks", Algorithm 1, lines 6-7).
 
+Where each body lives (one hop from here):
+
+    torch   apgd_step_reference below (the definition of the op)
+    cpp     csrc/apgd.cpp (checks, workspace) -> csrc/cpu/apgd_kernels.inc (the loops, compiled per
+            instruction set by csrc/cpu/kernels_{default,avx2,avx512}.cpp); csrc/apgd.h: ApgdStepArgs
+    cuda    csrc/cuda/apgd.cu (helpers: csrc/cuda/common.cuh)
+    triton  kernels/apgd.py (helpers: kernels/_common.py)
+    tests   tests/test_apgd_ops.py, test_fuzz_bodies.py, test_nonfinite.py, test_apgd_gpu.py
+    bench   benchmarks/bench_apgd_step.py
+
 For x, x_prev, x_orig, grad of shape (B, ...), per sample b (all dims but 0), with eta and eps
 floats or per-sample tensors of shape (B,), momentum a float in [0, 1], arithmetic in float32
 whatever the input dtype, and ``P`` the projection onto the eps-ball around x_orig followed by the
@@ -22,6 +32,10 @@ a gradient of 1e30 (or 1e-30) into no step, and a tiny ``d`` into no projection.
 same for ``g`` and ``c * g`` (any c > 0), and the result lies in the ball up to the rounding of the
 last float32 operations. A NaN in x, x_prev or x_orig propagates as torch.minimum/maximum/clamp
 propagate it (for l2 it also makes that sample's norm NaN, hence no projection of that sample).
+An infinite value in x or x_orig makes an l2 norm infinite (that projection scales by 0: the
+sample's finite values return to x_orig, the infinite ones become NaN), as
+:func:`pyadvk.ops.pgd_step` documents. eta and eps must be finite in float32 (inf, NaN and floats
+beyond 3.4e38 are refused; per-sample tensors are checked unless ``check_values=False``).
 
 ``apgd_step_reference`` is the torch body: it defines the op, and every other body (cpp, cuda,
 triton) is tested against it. The step needs three passes over the data for l2 (the norm of g, then
@@ -29,6 +43,8 @@ the norm of the momentum point, then the write) and one for linf.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,10 +57,10 @@ _ARGS = (
     "Tensor x_orig, Tensor grad, float eta, Tensor? eta_per_sample, float eps, Tensor? eps_per_sample, "
     "float momentum, float lower, float upper"
 )
-define(f"apgd_step_linf(Tensor x, Tensor x_prev, {_ARGS}) -> Tensor")
-define(f"apgd_step_l2(Tensor x, Tensor x_prev, {_ARGS}) -> Tensor")
-define(f"apgd_step_linf_(Tensor x, Tensor(a!) x_prev, {_ARGS}) -> ()")
-define(f"apgd_step_l2_(Tensor x, Tensor(a!) x_prev, {_ARGS}) -> ()")
+define("apgd_step_linf(Tensor x, Tensor x_prev, " + _ARGS + ") -> Tensor")
+define("apgd_step_l2(Tensor x, Tensor x_prev, " + _ARGS + ") -> Tensor")
+define("apgd_step_linf_(Tensor x, Tensor(a!) x_prev, " + _ARGS + ") -> ()")
+define("apgd_step_l2_(Tensor x, Tensor(a!) x_prev, " + _ARGS + ") -> ()")
 
 
 @torch.library.register_fake("pyadvk::apgd_step_linf")
@@ -113,53 +129,53 @@ def apgd_step_reference(
 # The public wrapper.
 
 
-def _run(norm, inplace, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend):
+# The ops of each (norm, in place) step: (compiled op of the cpp and cuda bodies, Triton op).
+_OPS = {
+    ("linf", False): ("apgd_step_linf", "apgd_step_linf_triton"),
+    ("linf", True): ("apgd_step_linf_", "apgd_step_linf_triton_"),
+    ("l2", False): ("apgd_step_l2", "apgd_step_l2_triton"),
+    ("l2", True): ("apgd_step_l2_", "apgd_step_l2_triton_"),
+}
+
+
+@dataclass(frozen=True)
+class ApgdParams:
+    """The checked parameters of an APGD step: eta and eps as floats, or per-sample float32 (B,)
+    tensors in ``eta_t`` / ``eps_t`` (the float then 0 and unused), momentum in [0, 1], the box."""
+
+    norm: str
+    eta: float
+    eta_t: torch.Tensor | None
+    eps: float
+    eps_t: torch.Tensor | None
+    momentum: float
+    lower: float
+    upper: float
+
+    def op_args(self) -> tuple:
+        """The scalar arguments of the ops, in schema order (after x, x_prev, x_orig, grad)."""
+        return (self.eta, self.eta_t, self.eps, self.eps_t, self.momentum, self.lower, self.upper)
+
+
+def _run(params: ApgdParams, x, x_prev, x_orig, grad, *, inplace: bool, backend: str | None) -> torch.Tensor:
+    """Runs a checked step on the chosen body (``inplace``: into x_prev, which it returns)."""
     fmt = dense_format(x)
     if fmt is None or dense_format(x_prev) != fmt:
-        y = _run(
-            norm,
-            False,
-            x.contiguous(),
-            x_prev.contiguous(),
-            x_orig,
-            grad,
-            eta,
-            eta_t,
-            eps,
-            eps_t,
-            momentum,
-            lower,
-            upper,
-            backend,
-        )
+        y = _run(params, x.contiguous(), x_prev.contiguous(), x_orig, grad, inplace=False, backend=backend)
         return x_prev.copy_(y) if inplace else y
     x_orig = x_orig.contiguous(memory_format=fmt)
     grad = grad.contiguous(memory_format=fmt)
-    args = (x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper)
+    args = (x, x_prev, x_orig, grad, *params.op_args())
     name = _backend.resolve(APGD_STEP, x.device, backend)
     if name == "torch":
-        y = apgd_step_reference(norm, *args)
+        y = apgd_step_reference(params.norm, *args)
         return x_prev.copy_(y) if inplace else y
-    ops = torch.ops.pyadvk
-    if name == "triton":
-        op = {
-            ("linf", False): ops.apgd_step_linf_triton,
-            ("l2", False): ops.apgd_step_l2_triton,
-            ("linf", True): ops.apgd_step_linf_triton_,
-            ("l2", True): ops.apgd_step_l2_triton_,
-        }[norm, inplace]
-    else:
-        op = {
-            ("linf", False): ops.apgd_step_linf,
-            ("l2", False): ops.apgd_step_l2,
-            ("linf", True): ops.apgd_step_linf_,
-            ("l2", True): ops.apgd_step_l2_,
-        }[norm, inplace]
-    y = op(*args)
+    compiled, triton = _OPS[params.norm, inplace]
+    y = getattr(torch.ops.pyadvk, triton if name == "triton" else compiled)(*args)
     return x_prev if inplace else y
 
 
-def _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values):
+def _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values) -> ApgdParams:
     for name, t in (("x", x), ("x_prev", x_prev), ("x_orig", x_orig), ("grad", grad)):
         _checks.tensor(name, t)
     for name, t in (("x_prev", x_prev), ("x_orig", x_orig), ("grad", grad)):
@@ -172,7 +188,7 @@ def _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, chec
     batch, device = x.shape[0], x.device
     eta, eta_t = _checks.per_sample("eta", eta, batch, device, check_values=check_values)
     eps, eps_t = _checks.per_sample("eps", eps, batch, device, check_values=check_values)
-    return norm, eta, eta_t, eps, eps_t, momentum, lower, upper
+    return ApgdParams(norm, eta, eta_t, eps, eps_t, momentum, lower, upper)
 
 
 def apgd_step(
@@ -196,22 +212,21 @@ def apgd_step(
         x, x_prev, x_orig, grad: (B, ...) tensors of one shape, dtype (float32/float16/bfloat16)
             and device: the current point, the previous point, the clean images and the gradient
             of the objective at ``x`` (to ascend).
-        eta: step size (>= 0), a float or a (B,) tensor (APGD halves it per image).
-        eps: radius of the ball around x_orig (>= 0), a float or a (B,) tensor.
+        eta: step size (>= 0, finite in float32), a float or a (B,) tensor (APGD halves it per
+            image).
+        eps: radius of the ball around x_orig (>= 0, finite in float32), a float or a (B,) tensor.
         momentum: weight of the new step against the previous one, in [0, 1] (0.75 in APGD;
             1 for the first iteration).
         norm: "linf" or "l2".
         lower, upper: the box every value is clipped to.
         backend: force a body ("cuda", "triton", "cpp", "torch").
-        check_values: check per-sample tensors for negative/NaN values (one device sync on CUDA);
-            pass False inside a loop whose values were checked once.
+        check_values: check per-sample tensors for negative, NaN and infinite values (one device
+            sync on CUDA); pass False inside a loop whose values were checked once.
     """
-    norm, eta, eta_t, eps, eps_t, momentum, lower, upper = _check(
-        x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values
-    )
+    params = _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _run(norm, False, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend)
+    return _run(params, x, x_prev, x_orig, grad, inplace=False, backend=backend)
 
 
 def apgd_step_(
@@ -230,10 +245,12 @@ def apgd_step_(
     check_values: bool = True,
 ) -> torch.Tensor:
     """In-place :func:`apgd_step`: writes the new point into ``x_prev`` (which the caller no longer
-    needs: the loop then swaps the two buffers) and returns it."""
-    norm, eta, eta_t, eps, eps_t, momentum, lower, upper = _check(
-        x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values
-    )
+    needs: the loop then swaps the two buffers) and returns it. ``x``, ``x_orig`` and ``grad`` may
+    be ``x_prev`` itself but must not partly overlap it in memory (the bodies would read values
+    another part of the step already wrote)."""
+    params = _check(x, x_prev, x_orig, grad, eta, eps, momentum, norm, lower, upper, check_values)
+    for name, t in (("x", x), ("x_orig", x_orig), ("grad", grad)):
+        _checks.no_partial_overlap("x_prev", x_prev, name, t)
     if x.numel() == 0:
         return x_prev
-    return _run(norm, True, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentum, lower, upper, backend)
+    return _run(params, x, x_prev, x_orig, grad, inplace=True, backend=backend)

@@ -1,5 +1,15 @@
 """The Half-Huber ReLU of Woods et al. (2019) as fused ops: forward, backward and double backward.
 
+Where each body lives (one hop from here):
+
+    torch   the ``*_reference`` functions below (the definition of the ops)
+    cpp     csrc/half_huber.cpp (checks, outputs) -> csrc/cpu/half_huber_kernels.inc (the loops,
+            compiled per instruction set by csrc/cpu/kernels_{default,avx2,avx512}.cpp)
+    cuda    csrc/cuda/half_huber.cu (helpers: csrc/cuda/common.cuh)
+    triton  kernels/half_huber.py (helpers: kernels/_common.py)
+    tests   tests/test_half_huber.py, test_fuzz_bodies.py, test_half_huber_gpu.py
+    bench   benchmarks/bench_half_huber.py
+
 For ``delta > 0``::
 
     f(x)   = 0               for x <= 0
@@ -40,7 +50,12 @@ rounding to float16/bfloat16::
     dx   = x >= delta ? grad        : (x <= 0 ? 0 : grad * (x * (1/delta)))
     dxx  = 0 < x < delta ? (gg * grad) * (1/delta) : 0
 
-A NaN input gives a NaN output and a NaN input gradient (and 0 second derivative).
+Non-finite values: a NaN input gives a NaN output and a NaN input gradient (and 0 second
+derivative); x = +inf gives +inf and passes the gradient, x = -inf gives 0 and no gradient; NaN or
+inf in ``grad``/``gg`` propagate through the products (``0 * inf`` is NaN where the slope or
+curvature is used). ``delta`` must be finite and > 0 (in float64 terms: a delta beyond float32's
+range acts on float32/16-bit tensors as its float32 rounding, inf). Every body gives the torch
+body's result on such values (tests/test_fuzz_bodies.py).
 
 Tensors may have any shape and any non-overlapping dense layout (contiguous, channels_last, ...);
 the compiled ops require every operand to share x's dtype, shape and strides (the public wrapper
@@ -258,12 +273,15 @@ def _register_autograd(body_fn, names: tuple[str, str, str]) -> None:
     torch.library.register_autograd(f"pyadvk::{dbl}", backward_double, setup_context=setup_double)
 
 
-_register_autograd(_native_body, HALF_HUBER.native_ops)
+_register_autograd(_native_body, ("half_huber_relu", "half_huber_relu_backward", "half_huber_relu_double_backward"))
 
 
 def register_triton_autograd() -> None:
     """Called by kernels/half_huber.py once the Triton ops exist."""
-    _register_autograd(_triton_body, tuple(n + "_triton" for n in HALF_HUBER.native_ops))
+    _register_autograd(
+        _triton_body,
+        ("half_huber_relu_triton", "half_huber_relu_backward_triton", "half_huber_relu_double_backward_triton"),
+    )
 
 
 # The torch body: autograd.Functions running the reference formulas, with the same derivatives.
