@@ -127,6 +127,10 @@ def test_logit_jacobian_matches_jacrev():
     classes = torch.tensor([[4, 0], [1, 2], [3, 3]])
     _, picked = logit_jacobian(model, x, classes)
     torch.testing.assert_close(picked, expected[torch.arange(3)[:, None], classes])
+    labels = torch.tensor([1, 4, 0])
+    _, diffs = logit_jacobian(model, x, classes, relative_to=labels)  # rows ∇(z_k − z_y)
+    rows = torch.arange(3)
+    torch.testing.assert_close(diffs, expected[rows[:, None], classes] - expected[rows, labels][:, None])
 
 
 def test_logit_jacobian_falls_back_to_one_backward_per_class(monkeypatch):
@@ -289,21 +293,29 @@ def grid_distances(net, x, labels, norm):
 @pytest.mark.parametrize("norm", NORMS)
 def test_fab_on_a_relu_net_matches_exhaustive_search(norm, targeted):
     """FAB within the grid's tolerance (√2·h = 1.4e-3 for L2, h = 1e-3 for L∞) of the exhaustive
-    search on all but at most one of the 24 points, and within 1% on every point. FAB is local:
-    measured on this net, one point (a kink of the class boundary) stalls 0.6% above the minimum for
-    L2 with either mode, and one L∞ point with untargeted restarts; see fab.py."""
+    search on every one of the 24 points, and never below it by more than that.
+
+    FAB is local, so this needs restarts (20 untargeted starts, 10 per target). Why, measured on
+    this net: for L2, point 10's minimiser (0.31741, refined in float64) lies 8e-4 from the line
+    where hidden unit 13 switches, so the class-2/3 boundary bends right at it; the neighbouring
+    linear piece has its own local minimum of the distance (0.3206, +1.0%), and FAB's iterates,
+    linearising in the neighbouring regions, settled at 0.3197–0.3208 with 5–12 starts (the grid
+    itself holds a valid adversarial point 1.9e-3 closer: not the grid's resolution). Re-linearising
+    around the best point (2–5% of its distance) did not reach the sliver; more random starts did.
+    For L∞, point 21 (untargeted, 5 starts) stopped at 0.3035 against 0.30118, where the minimising
+    square's corner touches the 1/3 boundary: its iterates' linear region was 0.04 from the
+    minimiser's, and 8 starts reach it. See fab.py and docs/minimal-attacks.md."""
     net, x, labels = relu_problem()
     assert len(labels.unique()) >= 3
     tol = math.sqrt(2) * 1e-3 if norm == "l2" else 1e-3
-    fab = FAB(net, norm=norm, targeted=targeted, steps=20, restarts=3 if targeted else 5, lower=LOWER, upper=UPPER)
+    fab = FAB(net, norm=norm, targeted=targeted, steps=20, restarts=10 if targeted else 20, lower=LOWER, upper=UPPER)
     result = fab.minimal(x, labels)
     check_result(net, x, labels, result, norm, LOWER, UPPER)
     assert result.broken.all()
     searched = grid_distances(net, x, labels, norm)
     err = result.distances - searched
     assert (err >= -tol).all(), err  # never below the true minimum (by more than the grid's slack)
-    assert int((err > tol).sum()) <= 1, err
-    assert (err / searched).max() <= 0.01, err / searched
+    assert (err <= tol).all(), err / searched
 
 
 # --- results, the call shape, the model left alone --------------------------------------------------
@@ -340,6 +352,54 @@ def test_results_on_a_small_cnn(make, norm):
     assert result.broken.all()
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, n, **kw: FAB(m, norm=n, targeted=False, steps=8, restarts=2, **kw),
+        lambda m, n, **kw: FAB(m, norm=n, targeted=True, n_target_classes=2, steps=8, **kw),
+        lambda m, n, **kw: DeepFool(m, norm=n, steps=8, **kw),
+    ],
+    ids=["fab", "fab-t", "deepfool"],
+)
+@pytest.mark.parametrize("norm", NORMS)
+def test_channels_last_and_autocast(make, norm):
+    """channels_last feeds the model channels_last images (same result up to the convolution's
+    rounding); autocast=bfloat16 runs the model's arithmetic in bfloat16 (the model sees bfloat16
+    activations): the result is float32, every image is broken for the bfloat16 model (whose
+    boundary it found; in float32 a point bisected onto it may sit on either side), and the
+    distances stay within 2.5% of float32's."""
+    model = small_cnn().eval()
+    seen = []
+    model[0].register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out.dtype)))
+    x = torch.rand(5, 1, 6, 6)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    plain = make(model, norm).minimal(x, labels)
+    seen.clear()
+    last = make(model, norm, channels_last=True).minimal(x, labels)
+    assert seen and all(inp.is_contiguous(memory_format=torch.channels_last) for inp, _ in seen)
+    check_result(model, x, labels, last, norm)
+    torch.testing.assert_close(last.distances, plain.distances, rtol=1e-4, atol=1e-5)
+    seen.clear()
+    low = make(model, norm, autocast=torch.bfloat16).minimal(x, labels)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert low.images.dtype == torch.float32 and low.distances.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fooled = model(low.images).argmax(1) != labels  # the boundary found is the bfloat16 model's
+    assert low.broken.all() and fooled.all()
+    ratio = low.distances / plain.distances
+    assert (ratio - 1).abs().max() < 0.025, ratio  # bfloat16 logits (8-bit mantissa); measured: at most 1.03%
+
+
+@pytest.mark.parametrize("cls", [FAB, DeepFool])
+def test_modes_reject_bad_values(cls):
+    with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16"):
+        cls(nn.Linear(2, 2), autocast=torch.float64)
+    attack = cls(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), norm="l2", steps=2, channels_last=True)
+    with pytest.raises(ValueError, match=r"channels_last=True needs 4-D images"):
+        attack.minimal(torch.rand(2, 4), torch.zeros(2, dtype=torch.int64))
 
 
 def test_model_mode_left_as_set():
@@ -454,7 +514,7 @@ def test_bad_images_and_labels(cls):
         attack.minimal(x + 2, y)
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         attack.minimal(x.tolist(), y)
-    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+    with pytest.raises(TypeError, match="labels must be an int64 tensor"):
         attack.minimal(x, y.float())
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         attack.minimal(x, y[:1])

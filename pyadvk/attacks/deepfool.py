@@ -39,7 +39,6 @@ from pyadvk.attacks.minimal import (
     per_sample,
     project_boundary,
 )
-from pyadvk.nn.normalize import NormalizeArg
 
 LINE_SEARCH_STEPS = 10
 
@@ -60,7 +59,10 @@ class DeepFool(MinimalAttack):
             (``None``: all; capped at C; at least 2).
         eps: the radius for ``__call__`` (``None``: only ``.minimal`` may be called).
         lower, upper: the valid input range.
-        normalize: ``(mean, std)`` for a model that expects normalized inputs (distances in pixel space).
+        autocast: run the model's forward and backward under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` or ``torch.float16``; ``None``: full precision); the linearisation,
+            projection and step stay in the images' dtype.
+        channels_last: feed the model 4-D images in channels_last memory format.
     """
 
     def __init__(
@@ -74,14 +76,17 @@ class DeepFool(MinimalAttack):
         eps: float | None = None,
         lower: float = 0.0,
         upper: float = 1.0,
-        normalize: NormalizeArg = None,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__(model, norm=norm, eps=eps, lower=lower, upper=upper, normalize=normalize)
+        super().__init__(
+            model, norm=norm, eps=eps, lower=lower, upper=upper, autocast=autocast, channels_last=channels_last
+        )
         self.steps = _checks.integer("steps", steps, low=1)
         self.overshoot = _checks.real("overshoot", overshoot, low=0.0)
         self.n_classes = None if n_classes is None else _checks.integer("n_classes", n_classes, low=2)
 
-    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+    def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         """The adversarial image DeepFool reaches per image (see the module docstring).
 
         Args:
@@ -104,7 +109,8 @@ class DeepFool(MinimalAttack):
         for _ in range(self.steps):
             if not bool(running.any()):
                 break
-            logits, jac = logit_jacobian(self.model, x, classes)  # (B, C), (B, K, D)
+            # the K − 1 rows ∇(z_k − z_y), (B, K − 1, D), one vector-Jacobian product each
+            logits, normals = logit_jacobian(self.run_model, x, classes[:, 1:], relative_to=labels)
             fooled = logits.argmax(dim=1) != labels
             newly = running & fooled
             best = torch.where(per_sample(newly, x0), x, best)
@@ -112,7 +118,6 @@ class DeepFool(MinimalAttack):
             running = running & ~fooled
             picked = logits.gather(1, classes)
             diffs = picked[:, 1:] - picked[:, :1]  # f_k = z_k − z_y, (B, K − 1)
-            normals = jac[:, 1:] - jac[:, :1]
             dist = diffs.abs() / dual_norm_of(normals, self.norm).clamp_min(1e-12)
             closest = dist.argmin(dim=1)
             f, w = diffs[rows, closest], normals[rows, closest]
@@ -122,10 +127,10 @@ class DeepFool(MinimalAttack):
             x = (flat0 + (1 + self.overshoot) * total).clamp(self.lower, self.upper).view_as(x0)
         else:
             with torch.no_grad():
-                fooled = self.model(x).argmax(dim=1) != labels
+                fooled = self.run_model(x).argmax(dim=1) != labels
             newly = running & fooled
             best = torch.where(per_sample(newly, x0), x, best)
             found = found | newly
-        searched = line_search(self.model, x0, best, labels, LINE_SEARCH_STEPS)
+        searched = line_search(self.run_model, x0, best, labels, LINE_SEARCH_STEPS)
         best = torch.where(per_sample(found, x0), searched, best)
         return self.result(x0, best, found)

@@ -25,17 +25,17 @@ closest to the hyperplane along ``w``, as FAB's paper prescribes for that case.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.attacks import _common
 from pyadvk.attacks.pgd import Attack
-from pyadvk.nn.normalize import NormalizeArg
 
 NORMS = ("linf", "l2")
+Model = Callable[[torch.Tensor], torch.Tensor]  # images (B, ...) -> logits (B, C)
 
 
 @dataclass
@@ -141,12 +141,17 @@ def project_boundary(
 
 
 def logit_jacobian(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None
+    model: Model, x: torch.Tensor, classes: torch.Tensor | None = None, relative_to: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, C) at ``x`` and the Jacobian of the logits ``classes`` (B, K) (default: all C)
     with respect to the input only, shape (B, K, D), from one forward pass and one batched backward
     (``is_grads_batched``: the K vector-Jacobian products run as one vmapped backward). Falls back
-    to K backward passes where an op of the model has no batching rule."""
+    to K backward passes where an op of the model has no batching rule.
+
+    With ``relative_to`` (B,) (a class per image, e.g. the labels ``y``), the rows are the
+    Jacobians of the logit differences ``z_k − z_y``, each from one vector-Jacobian product with
+    the cotangent ``e_k − e_y`` (so the C − 1 differences FAB and DeepFool need cost C − 1
+    products, not C)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
@@ -154,6 +159,8 @@ def logit_jacobian(
         if classes is None:
             classes = torch.arange(num, device=x.device).expand(batch, num)
         picks = nn.functional.one_hot(classes.t(), num).to(logits.dtype)  # (K, B, C)
+        if relative_to is not None:
+            picks = picks - nn.functional.one_hot(relative_to, num).to(logits.dtype)
         try:
             (jac,) = torch.autograd.grad(logits, x, picks, is_grads_batched=True, retain_graph=True)
         except RuntimeError:
@@ -162,8 +169,14 @@ def logit_jacobian(
     return logits.detach(), jac.reshape(classes.shape[1], batch, -1).transpose(0, 1)
 
 
+def other_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Every class but the label, per image: (B, C − 1), ``(y + 1 + i) mod C`` for i = 0 … C − 2."""
+    offsets = torch.arange(1, num_classes, device=labels.device)
+    return (labels[:, None] + offsets) % num_classes
+
+
 def logit_difference_grad(
-    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    model: Model, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits (B, C), ``z_t − z_y`` (B,) and its input gradient (B, D) from one forward and one
     backward pass (``t = targets``, ``y = labels``)."""
@@ -176,15 +189,13 @@ def logit_difference_grad(
 
 
 @torch.no_grad()
-def misclassified(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def misclassified(model: Model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``argmax model(x) ≠ labels``, shape (B,)."""
     return model(x).argmax(dim=1) != labels
 
 
 @torch.no_grad()
-def line_search(
-    model: nn.Module, x0: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor, steps: int
-) -> torch.Tensor:
+def line_search(model: Model, x0: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
     """Bisection on the segment ``x0 + t·(adv − x0)``, ``t ∈ [0, 1]``, for images where ``adv``
     is adversarial: keeps the smallest ``t`` seen adversarial (``steps`` forward passes, the
     interval shrinks by 2^steps). Returns the image at that ``t``: never farther than ``adv``,
@@ -212,26 +223,34 @@ class MinimalAttack(Attack):
         eps: float | None,
         lower: float,
         upper: float,
-        normalize: NormalizeArg = None,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
         if eps is not None:
             eps = _checks.real("eps", eps, low=0.0)
         super().__init__(
-            model, eps=0.0 if eps is None else eps, norm=norm, lower=lower, upper=upper, normalize=normalize
+            model,
+            eps=0.0 if eps is None else eps,
+            norm=norm,
+            lower=lower,
+            upper=upper,
+            autocast=autocast,
+            channels_last=channels_last,
         )
         self.eps = eps  # type: ignore[assignment]  # None: no radius (only .minimal may be called)
 
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits at ``x`` in the attack's modes: ``x`` in channels_last memory format
+        (``channels_last=True``), the model's arithmetic under ``torch.autocast`` (``autocast``,
+        logits returned in float32). The Jacobians, projections and steps stay in the images' dtype."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.model(x).float()
+
     def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
-        """The smallest adversarial perturbation the attack finds per image, after the shared input
-        checks, with the model's state preserved and out of inference mode (as a call)."""
-
-        def checked(images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
-            self.check_inputs(images, labels)
-            return self._minimal(images.detach(), labels.long())
-
-        return _common.guarded_call(self.guarded_models(), checked, images, labels)
-
-    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -246,11 +265,12 @@ class MinimalAttack(Attack):
         return torch.where(per_sample(keep, images), result.images, images.detach())
 
     def start(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``x0`` (detached), the int64 labels and the clean logits (checked against the labels)."""
+        """Checks the inputs; returns ``x0`` (detached), the int64 labels and the clean logits."""
+        self.check_inputs(images, labels)
         labels = labels.long()
         x0 = images.detach()
         with torch.no_grad():
-            logits = self.model(x0)
+            logits = self.run_model(x0)
         self.check_logits(logits, labels)
         if logits.shape[1] < 2:
             raise ValueError(f"model must return logits of at least 2 classes, got shape {tuple(logits.shape)}")
