@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk.attacks import _common
+from pyadvk.nn.normalize import NormalizeArg, as_normalize, with_normalization
 from pyadvk.ops import pgd as _pgd
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,6 +39,14 @@ class Attack:
             the perturbation and the step stay float32; only the model's arithmetic is reduced.
         channels_last: keep 4-D images (and so the model's activations) in channels_last
             memory format, which tensor-core convolutions prefer.
+        normalize: ``(mean, std)`` (or a :class:`pyadvk.nn.Normalize`) for a model that expects
+            ``(x − mean) / std``: the attack runs on ``Normalize(mean, std) ∘ model``, so images,
+            eps and the result stay in pixel space (torchattacks' ``set_normalization_used``).
+
+    Every call checks its inputs once (:func:`pyadvk.attacks._common.check_inputs`: float images
+    in ``[lower, upper]``, labels of any integer dtype and shape (B,), each in ``[0, C)`` of the
+    model's output), leaves the model's buffers and train/eval flags exactly as it found them,
+    and works under ``torch.inference_mode()`` (see :mod:`pyadvk.attacks._common`).
     """
 
     def __init__(
@@ -52,12 +62,14 @@ class Attack:
         backend: str | None = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        normalize: NormalizeArg = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         if loss is not None and not callable(loss):
             raise TypeError(f"loss must be callable as loss(logits, labels), got {type(loss).__name__}")
-        self.model = model
+        self.normalize = as_normalize(normalize)
+        self.model = with_normalization(model, self.normalize)
         self.norm = _checks.choice("norm", norm, _pgd.NORMS)
         if not isinstance(eps, torch.Tensor):
             _checks.real("eps", eps, low=0.0)
@@ -72,41 +84,31 @@ class Attack:
         self.channels_last = bool(channels_last)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.forward(images, labels)
+        """The adversarial images: :meth:`forward` after the input checks, with the model's state
+        preserved and out of inference mode (see the class docstring)."""
+        return _common.guarded_call(self.guarded_models(), self._checked_forward, images, labels)
+
+    def _checked_forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(images, labels)
+        return self.forward(images.detach(), labels.long())
+
+    def guarded_models(self) -> list[nn.Module]:
+        """The models whose state a call preserves."""
+        return [self.model]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The attack itself, on checked inputs (int64 labels); call the attack, not this."""
         raise NotImplementedError
 
     def check_inputs(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Rejects bad images/labels before any work (one device sync for the value checks)."""
-        _checks.tensor("images", images)
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise TypeError(f"labels must be an int64 tensor of class indices, got {what}")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must have shape ({images.shape[0]},) (one per image), got {tuple(labels.shape)}")
-        if labels.device != images.device:
-            raise ValueError(f"labels must be on the device of images ({images.device}), got {labels.device}")
+        _common.check_inputs(images, labels, self.lower, self.upper)
         if self.channels_last and images.dim() != 4:
             raise ValueError(f"channels_last=True needs 4-D images (B, C, H, W), got shape {tuple(images.shape)}")
-        if images.numel():
-            lo_t, hi_t = torch.aminmax(images.detach())
-            lo, hi = float(lo_t), float(hi_t)
-            if not (self.lower <= lo and hi <= self.upper):
-                raise ValueError(
-                    f"images must lie in [lower, upper] = [{self.lower}, {self.upper}], got values in "
-                    f"[{lo}, {hi}]; pass lower=/upper= for another input range"
-                )
 
     def check_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"model must return logits of shape ({labels.shape[0]}, C), got {shape}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-            raise ValueError(
-                f"labels must be class indices in [0, {logits.shape[1]}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
+        """The model's output must be (B, C) logits with every label in [0, C)."""
+        _common.check_logits(logits, labels)
 
     def input_grad(self, x: torch.Tensor, labels: torch.Tensor, first: bool = False) -> torch.Tensor:
         """Gradient of the attack objective with respect to the input only (to ascend)."""
@@ -127,7 +129,8 @@ class Attack:
         return grad
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("model", "loss"))
+        skip = ("model", "models", "loss") + (("normalize",) if self.normalize is None else ())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in skip)
         return f"{type(self).__name__}({fields})"
 
 
@@ -170,6 +173,7 @@ class PGD(Attack):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        normalize: NormalizeArg = None,
     ) -> None:
         super().__init__(
             model,
@@ -182,6 +186,7 @@ class PGD(Attack):
             backend=backend,
             autocast=autocast,
             channels_last=channels_last,
+            normalize=normalize,
         )
         self.cuda_graph = bool(cuda_graph)
         if not isinstance(alpha, torch.Tensor):
@@ -193,7 +198,6 @@ class PGD(Attack):
         self.generator = generator
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(images, labels)
         if self.cuda_graph and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
         images = images.detach()
