@@ -514,7 +514,7 @@ def test_bad_images_and_labels(cls):
         attack.minimal(x + 2, y)
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         attack.minimal(x.tolist(), y)
-    with pytest.raises(TypeError, match="labels must be an int64 tensor"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         attack.minimal(x, y.float())
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         attack.minimal(x, y[:1])

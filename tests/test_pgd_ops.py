@@ -12,85 +12,21 @@ from hypothesis import strategies as st
 from pyadvk.ops import pgd as pgd_ops
 from pyadvk.ops import pgd_step, pgd_step_, random_init
 from tests.conftest import available
-from tests.utils import ISA_ORDER, assert_matches_reference, run_on_cpu_isa
+from tests.utils import (
+    ISA_ORDER,
+    PGD_DTYPES,
+    PGD_SHAPES,
+    assert_matches_reference,
+    per_sample,
+    pgd_inputs,
+    pgd_step_args,
+    pgd_step_cases,
+    run_on_cpu_isa,
+)
 
 CPU_BACKENDS = [b for b in available(pgd_ops.STEP, "cpu") if b != "torch"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# Shapes no block size divides, a batch of 1, images, flat vectors, one value per sample.
-SHAPES = st.sampled_from(
-    [
-        (1, 1),
-        (1, 7),
-        (3, 1),
-        (2, 3, 5, 7),
-        (5, 3, 4, 4),
-        (1, 3, 17, 19),
-        (4, 1000),
-        (2, 4100),
-        (3, 2, 3, 4, 5),
-        (7,),
-        (2, 16385),
-    ]
-)
-
-
-def make_inputs(shape, dtype, seed, *, nan_grad=False, zero_grad_sample=False, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    x_orig = torch.rand(shape, generator=gen)
-    x_adv = (x_orig + 0.1 * (2 * torch.rand(shape, generator=gen) - 1)).clamp(0, 1)
-    grad = torch.randn(shape, generator=gen)
-    grad[torch.rand(shape, generator=gen) < 0.05] = 0.0
-    if nan_grad:
-        grad[torch.rand(shape, generator=gen) < 0.1] = math.nan
-    if zero_grad_sample:
-        grad[0] = 0.0
-    return [t.to(dtype=dtype, device=device) for t in (x_adv, x_orig, grad)]
-
-
-def per_sample(value, batch, seed, device="cpu"):
-    gen = torch.Generator().manual_seed(seed + 1)
-    return value * (0.5 + torch.rand(batch, generator=gen)).to(device)
-
-
-step_cases = dict(
-    shape=SHAPES,
-    dtype=st.sampled_from(DTYPES),
-    norm=st.sampled_from(pgd_ops.NORMS),
-    eps=st.sampled_from([0.0, 0.01, 0.05, 0.5, math.inf]),
-    alpha=st.sampled_from([1e-3, 0.02, 0.3]),
-    per_sample_eps=st.booleans(),
-    per_sample_alpha=st.booleans(),
-    box=st.sampled_from([(0.0, 1.0), (0.2, 0.7), (-math.inf, math.inf)]),
-    nan_grad=st.booleans(),
-    zero_grad_sample=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-
-
-def _step_args(
-    shape,
-    dtype,
-    norm,
-    eps,
-    alpha,
-    per_sample_eps,
-    per_sample_alpha,
-    box,
-    nan_grad,
-    zero_grad_sample,
-    seed,
-    device="cpu",
-):
-    x_adv, x_orig, grad = make_inputs(
-        shape, dtype, seed, nan_grad=nan_grad, zero_grad_sample=zero_grad_sample, device=device
-    )
-    batch = shape[0]
-    if per_sample_eps and math.isfinite(eps):
-        eps = per_sample(eps, batch, seed, device)
-    if per_sample_alpha:
-        alpha = per_sample(alpha, batch, seed + 7, device)
-    return (x_adv, x_orig, grad), dict(eps=eps, alpha=alpha, norm=norm, lower=box[0], upper=box[1])
+# The step's random inputs live in tests/utils.py, shared with tests/test_pgd_gpu.py.
+DTYPES, SHAPES, make_inputs, step_cases, _step_args = PGD_DTYPES, PGD_SHAPES, pgd_inputs, pgd_step_cases, pgd_step_args
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

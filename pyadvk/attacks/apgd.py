@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Hashable
 from fractions import Fraction
 
 import torch
@@ -35,12 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk._backend import get_backend
+from pyadvk.attacks import _graphs
 from pyadvk.attacks.pgd import Attack
 from pyadvk.nn.normalize import NormalizeArg
 from pyadvk.ops import apgd_step_, random_init
 
 LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75
+GRAPH_WARMUP = 3  # eager iterations of a run before the captured ones (the first has no momentum)
 
 
 def _check_dlr(name: str, logits, min_classes: int, **indices) -> None:
@@ -142,6 +146,18 @@ class _Run:
     def swap(self) -> None:
         self.cur, self.prev = self.prev, self.cur
 
+    def reset(self, start: torch.Tensor, eps: torch.Tensor) -> None:
+        """The state ``_Run(start, eps)`` has, written into this run's tensors (which captured
+        iterations read); ``cur`` and ``prev`` must be the tensors they were at construction."""
+        for t in (self.cur, self.prev, self.x_best, self.x_found):
+            t.copy_(start)
+        for t in (self.grad, self.grad_best, self.count, self.reduced_last, self.found):
+            t.zero_()
+        self.loss_cur.fill_(math.inf)
+        self.loss_best.fill_(-math.inf)
+        self.best_last.fill_(-math.inf)
+        torch.mul(eps, 2.0, out=self.eta)
+
     def record(self, loss: torch.Tensor, wrong: torch.Tensor, grad: torch.Tensor) -> None:
         """Bookkeeping for the newly evaluated point ``cur`` with objective ``loss`` and gradient ``grad``."""
         self.count.add_(loss > self.loss_cur)
@@ -169,6 +185,26 @@ class _Run:
         return torch.where(_view(self.found, self.cur), self.x_found, self.x_best), self.found, self.loss_best
 
 
+class _CapturedRun:
+    """The static tensors of captured APGD iterations: a run's state and copies of its inputs,
+    and the two graphs (set after capture)."""
+
+    def __init__(self, start, x_orig, labels, targets, eps) -> None:
+        self.x_orig, self.labels, self.eps = x_orig.clone(), labels.clone(), eps.clone()
+        self.targets = None if targets is None else targets.clone()
+        self.run = _Run(start.clone(), self.eps)
+        self.buffers = (self.run.cur, self.run.prev)
+        self.graphs: tuple = ()
+
+    def load(self, start, x_orig, labels, targets, eps) -> None:
+        """Copies a new run's inputs (same key) in and resets the run's state."""
+        for static, new in ((self.x_orig, x_orig), (self.labels, labels), (self.targets, targets), (self.eps, eps)):
+            if static is not None:
+                static.copy_(new)
+        self.run.cur, self.run.prev = self.buffers
+        self.run.reset(start, self.eps)
+
+
 class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020), untargeted, with the cross-entropy or the DLR loss.
 
@@ -193,9 +229,12 @@ class APGD(Attack):
         backend: force a body of the fused step ("cuda", "triton", "cpp", "torch").
         autocast, channels_last, normalize: as in :class:`pyadvk.attacks.pgd.Attack`.
         cuda_graph: capture one iteration (step, forward, input-gradient backward, bookkeeping)
-            as a CUDA graph after three eager iterations and replay it (two graphs: the current
-            and previous points alternate between two buffers); checkpoints run eagerly between
-            replays. Needs CUDA images and a model without host synchronization in its forward.
+            as a CUDA graph on the images' device after three eager iterations and replay it (two
+            graphs: the current and previous points alternate between two buffers); checkpoints
+            run eagerly between replays. The graphs are kept per (batch shape, dtype, layout,
+            device, model, settings) and replayed by later runs without a new capture, until
+            :meth:`release_graphs` or the attack is deleted (:mod:`pyadvk.attacks._graphs`).
+            Needs CUDA images and a model without host synchronization in its forward.
 
     Images the model misclassifies unperturbed are returned unchanged. Others are returned as
     the last misclassified iterate of a run that found one, else the highest-objective point
@@ -243,6 +282,7 @@ class APGD(Attack):
         self.seed = _checks.integer("seed", seed, low=0)
         self.eot_iter = _checks.integer("eot_iter", eot_iter, low=1)
         self.cuda_graph = bool(cuda_graph)
+        self._graphs = _graphs.GraphCache()
 
     # -- what a subclass changes ------------------------------------------------------------------
 
@@ -326,45 +366,89 @@ class APGD(Attack):
             backend=self.backend,
             check_values=False,
         ).contiguous(memory_format=self._format)
-        run = _Run(start, eps)
-        run.record(*self._evaluate(run.cur, labels, targets))
-        run.best_last.copy_(run.loss_best)
         marks = checkpoints(self.steps)
         windows = {w: w - w_prev for w_prev, w in zip(marks, marks[1:]) if w < self.steps}
-
-        def iterate(k: int) -> None:
-            self._iteration(run, x_orig, labels, targets, eps, 1.0 if k == 0 else MOMENTUM)
-            if k + 1 in windows:
-                run.checkpoint(windows[k + 1], self.rho)
-
-        warmup = 3  # eager iterations before capture (the first one has no momentum)
-        if not self.cuda_graph or self.steps <= warmup:
-            for k in range(self.steps):
-                iterate(k)
-            return run.result()
-        current = torch.cuda.current_stream(x_orig.device)
-        side = torch.cuda.Stream(x_orig.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for k in range(warmup):
-                iterate(k)
-        current.wait_stream(side)
-        # Two graphs: one reads cur = A and writes B, the other the reverse. Capturing runs no
-        # kernel, and each capture swaps the Python references once, so they end where they began.
-        graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
-        for graph in graphs:
-            with torch.cuda.graph(graph):
-                self._iteration(run, x_orig, labels, targets, eps, MOMENTUM)
-        for k in range(warmup, self.steps):
-            graphs[(k - warmup) % 2].replay()
-            run.swap()
-            if k + 1 in windows:
-                run.checkpoint(windows[k + 1], self.rho)
+        if self.cuda_graph and self.steps > GRAPH_WARMUP:
+            return self._graphed_run(start, x_orig, labels, targets, eps, windows)
+        run = _Run(start, eps)
+        self._begin(run, labels, targets)
+        for k in range(self.steps):
+            self._iterate(run, k, x_orig, labels, targets, eps, windows)
         return run.result()
 
+    def _begin(self, run: _Run, labels, targets) -> None:
+        """Evaluates the starting point."""
+        run.record(*self._evaluate(run.cur, labels, targets))
+        run.best_last.copy_(run.loss_best)
+
+    def _iterate(self, run: _Run, k: int, x_orig, labels, targets, eps, windows: dict[int, int]) -> None:
+        """Iteration k (the first without momentum), then the checkpoint that follows it, if any."""
+        self._iteration(run, x_orig, labels, targets, eps, 1.0 if k == 0 else MOMENTUM)
+        if k + 1 in windows:
+            run.checkpoint(windows[k + 1], self.rho)
+
+    def release_graphs(self) -> None:
+        """Frees the CUDA graphs (and their memory pools) that ``cuda_graph=True`` keeps between
+        runs; the next run captures again. Deleting the attack frees them too."""
+        self._graphs.clear()
+
+    def _graph_key(self, x_orig: torch.Tensor, targets, eps: torch.Tensor) -> Hashable:
+        """What the captured iterations depend on besides the values copied in before a run."""
+        settings = (self.norm, self.loss_name, id(self.loss), self.eot_iter, self.lower, self.upper)
+        return (
+            _graphs.tensor_key(x_orig),
+            _graphs.tensor_key(eps),
+            targets is None,
+            settings + (self.autocast, self.backend, get_backend()),
+            _graphs.model_key(self.model),
+        )
+
+    def _graphed_run(self, start, x_orig, labels, targets, eps, windows: dict[int, int]):
+        """:meth:`_run` with one iteration captured as CUDA graphs on the images' device (two:
+        the current and previous points alternate between two buffers) and replayed, the
+        checkpoints eager between replays. The graphs are kept per key (:meth:`_graph_key`): a
+        later run with the same key copies its inputs into their tensors, runs the start and the
+        GRAPH_WARMUP eager iterations, and replays the rest without capturing."""
+        key = self._graph_key(x_orig, targets, eps)
+        entry = self._graphs.get(key)
+        fresh = entry is None
+        with _graphs.on_device(x_orig.device):
+            if entry is None:
+                entry = _CapturedRun(start, x_orig, labels, targets, eps)
+            else:
+                entry.load(start, x_orig, labels, targets, eps)
+            run, args = entry.run, (entry.x_orig, entry.labels, entry.targets, entry.eps)
+
+            def warmup() -> None:
+                self._begin(run, entry.labels, entry.targets)
+                for k in range(GRAPH_WARMUP):
+                    self._iterate(run, k, *args, windows)
+
+            def iteration() -> None:  # the swap back leaves the Python references as they were
+                self._iteration(run, *args, MOMENTUM)
+                run.swap()
+
+            if fresh:
+                # capturing runs no kernel: graph 0 reads cur = A and writes B, graph 1 the reverse
+                first = _graphs.capture(x_orig.device, iteration, warmup=warmup)
+                run.swap()
+                second = _graphs.capture(x_orig.device, iteration, pool=first.pool())
+                run.swap()
+                entry.graphs = (first, second)
+                self._graphs.put(key, entry)
+            else:
+                warmup()
+            for k in range(GRAPH_WARMUP, self.steps):
+                entry.graphs[(k - GRAPH_WARMUP) % 2].replay()
+                run.swap()
+                if k + 1 in windows:
+                    run.checkpoint(windows[k + 1], self.rho)
+            x, found, loss = run.result()
+            return x, found.clone(), loss.clone()  # the static tensors are the next run's
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graph and images.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
+        if self.cuda_graph:
+            _graphs.check_device(images)
         images, labels = images.detach(), labels.long()
         fmt = self._format
         images = images.contiguous(memory_format=fmt)

@@ -39,6 +39,7 @@ from pyadvk.attacks.minimal import (
     per_sample,
     project_boundary,
 )
+from pyadvk.nn.normalize import NormalizeArg
 
 LINE_SEARCH_STEPS = 10
 
@@ -59,6 +60,7 @@ class DeepFool(MinimalAttack):
             (``None``: all; capped at C; at least 2).
         eps: the radius for ``__call__`` (``None``: only ``.minimal`` may be called).
         lower, upper: the valid input range.
+        normalize: ``(mean, std)`` for a model that expects normalized inputs (distances in pixel space).
         autocast: run the model's forward and backward under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``; ``None``: full precision); the linearisation,
             projection and step stay in the images' dtype.
@@ -76,17 +78,25 @@ class DeepFool(MinimalAttack):
         eps: float | None = None,
         lower: float = 0.0,
         upper: float = 1.0,
+        normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__(
-            model, norm=norm, eps=eps, lower=lower, upper=upper, autocast=autocast, channels_last=channels_last
+            model,
+            norm=norm,
+            eps=eps,
+            lower=lower,
+            upper=upper,
+            normalize=normalize,
+            autocast=autocast,
+            channels_last=channels_last,
         )
         self.steps = _checks.integer("steps", steps, low=1)
         self.overshoot = _checks.real("overshoot", overshoot, low=0.0)
         self.n_classes = None if n_classes is None else _checks.integer("n_classes", n_classes, low=2)
 
-    def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         """The adversarial image DeepFool reaches per image (see the module docstring).
 
         Args:

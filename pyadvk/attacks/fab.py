@@ -60,6 +60,7 @@ from pyadvk.attacks.minimal import (
     per_sample,
     project_boundary,
 )
+from pyadvk.nn.normalize import NormalizeArg
 
 LINE_SEARCH_STEPS = 10
 DEFAULT_RESTART_FRACTION = 0.05  # of the box width, for restarts where nothing bounds the radius
@@ -87,6 +88,7 @@ class FAB(MinimalAttack):
         beta: backward step after a success, ``x ← (1 − β) x0 + β x``, in (0, 1].
         seed: seed of the random restarts.
         lower, upper: the valid input range.
+        normalize: ``(mean, std)`` for a model that expects normalized inputs (distances in pixel space).
         autocast: run the model's forward and backward under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``; ``None``: full precision); the linearisation,
             projection and step stay in the images' dtype.
@@ -109,11 +111,19 @@ class FAB(MinimalAttack):
         seed: int = 0,
         lower: float = 0.0,
         upper: float = 1.0,
+        normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__(
-            model, norm=norm, eps=eps, lower=lower, upper=upper, autocast=autocast, channels_last=channels_last
+            model,
+            norm=norm,
+            eps=eps,
+            lower=lower,
+            upper=upper,
+            normalize=normalize,
+            autocast=autocast,
+            channels_last=channels_last,
         )
         self.steps = _checks.integer("steps", steps, low=1)
         self.targeted = bool(targeted)
@@ -128,7 +138,7 @@ class FAB(MinimalAttack):
             raise ValueError(f"beta must be in (0, 1], got {beta}")
         self.seed = _checks.integer("seed", seed)
 
-    def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         """The smallest adversarial perturbation FAB finds per image (see the module docstring).
 
         Args:

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk.attacks import _common
 from pyadvk.attacks.pgd import Attack
+from pyadvk.nn.normalize import NormalizeArg
 
 NORMS = ("linf", "l2")
 Model = Callable[[torch.Tensor], torch.Tensor]  # images (B, ...) -> logits (B, C)
@@ -223,6 +225,7 @@ class MinimalAttack(Attack):
         eps: float | None,
         lower: float,
         upper: float,
+        normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -234,6 +237,7 @@ class MinimalAttack(Attack):
             norm=norm,
             lower=lower,
             upper=upper,
+            normalize=normalize,
             autocast=autocast,
             channels_last=channels_last,
         )
@@ -251,6 +255,16 @@ class MinimalAttack(Attack):
             return self.model(x).float()
 
     def minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+        """The smallest adversarial perturbation the attack finds per image, after the shared input
+        checks, with the model's state preserved and out of inference mode (as a call)."""
+
+        def checked(images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
+            self.check_inputs(images, labels)
+            return self._minimal(images.detach(), labels.long())
+
+        return _common.guarded_call(self.guarded_models(), checked, images, labels)
+
+    def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -265,8 +279,7 @@ class MinimalAttack(Attack):
         return torch.where(per_sample(keep, images), result.images, images.detach())
 
     def start(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Checks the inputs; returns ``x0`` (detached), the int64 labels and the clean logits."""
-        self.check_inputs(images, labels)
+        """Returns ``x0`` (detached), the int64 labels and the clean logits (checked against the labels)."""
         labels = labels.long()
         x0 = images.detach()
         with torch.no_grad():

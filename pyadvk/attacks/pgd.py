@@ -9,17 +9,21 @@ only (``torch.autograd.grad``): no parameter ``.grad`` is touched.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.attacks import _common
+from pyadvk._backend import get_backend
+from pyadvk.attacks import _common, _graphs
 from pyadvk.nn.normalize import NormalizeArg, as_normalize, with_normalization
 from pyadvk.ops import pgd as _pgd
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GRAPH_WARMUP = 2  # eager steps before the first capture of a key (the first also checks the logits)
 
 
 class Attack:
@@ -148,9 +152,12 @@ class PGD(Attack):
 
     Fast modes (see also ``autocast`` and ``channels_last`` in :class:`Attack`):
     ``cuda_graph=True`` captures one whole step (forward, input-gradient backward, fused step
-    written into the preallocated adversarial batch) as a CUDA graph after two eager warm-up
-    steps and replays it for the remaining steps, removing per-kernel launch overhead. It needs
-    CUDA images, a model without host synchronization or data-dependent control flow in its
+    written into the preallocated adversarial batch) as a CUDA graph on the images' device after
+    two eager warm-up steps and replays it for the remaining steps, removing per-kernel launch
+    overhead. The captured step is kept per (shape, dtype, layout, device, model, settings) and
+    replayed by later calls (one eager step each, which checks the logits; no new capture; see
+    :mod:`pyadvk.attacks._graphs`) until :meth:`release_graphs` or the attack is deleted. It
+    needs CUDA images, a model without host synchronization or data-dependent control flow in its
     forward, and the same step count semantics as eager (results are identical to eager).
     """
 
@@ -189,6 +196,7 @@ class PGD(Attack):
             normalize=normalize,
         )
         self.cuda_graph = bool(cuda_graph)
+        self._graphs = _graphs.GraphCache()
         if not isinstance(alpha, torch.Tensor):
             _checks.real("alpha", alpha, low=0.0, low_inclusive=False)
         self.alpha = alpha
@@ -198,8 +206,8 @@ class PGD(Attack):
         self.generator = generator
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graph and images.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs CUDA images, got images on {images.device}")
+        if self.cuda_graph:
+            _graphs.check_device(images)
         images = images.detach()
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -219,41 +227,96 @@ class PGD(Attack):
             )
         else:
             x_adv = images.clone()
+        if self.cuda_graph and self.steps > GRAPH_WARMUP:
+            return self._graphed(images, labels, x_adv, params)
         momentum = torch.zeros_like(images, dtype=torch.float32) if self.decay > 0 else None
-
-        def step(first: bool = False) -> None:
-            grad = self.input_grad(x_adv, labels, first=first)
-            if momentum is not None:
-                grad = self._momentum(momentum, grad).to(grad.dtype)
-            with torch.no_grad():
-                _pgd.run_step(params, x_adv, images, grad, inplace=True, backend=self.backend)
-
-        warmup = 2  # eager steps before capture (the first one also checks the logits)
-        if not self.cuda_graph or self.steps <= warmup:
-            for k in range(self.steps):
-                step(first=k == 0)
-            return x_adv
-        # CUDA graph: warm up on a side stream (as capture requires), capture one whole step
-        # (forward, input-gradient backward, fused step into x_adv) and replay it.
-        current = torch.cuda.current_stream(images.device)
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for k in range(warmup):
-                step(first=k == 0)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        for _ in range(self.steps - warmup):
-            graph.replay()
+        for k in range(self.steps):
+            self._step(x_adv, images, labels, momentum, params, first=k == 0)
         return x_adv
+
+    def _step(self, x_adv, images, labels, momentum, params, first: bool = False) -> None:
+        """One step in place: forward, input-gradient backward, the fused step into ``x_adv``."""
+        grad = self.input_grad(x_adv, labels, first=first)
+        if momentum is not None:
+            grad = self._momentum(momentum, grad).to(grad.dtype)
+        with torch.no_grad():
+            _pgd.run_step(params, x_adv, images, grad, inplace=True, backend=self.backend)
+
+    def release_graphs(self) -> None:
+        """Frees the CUDA graphs (and their memory pools) that ``cuda_graph=True`` keeps between
+        calls; the next call captures again. Deleting the attack frees them too."""
+        self._graphs.clear()
+
+    def _graph_key(self, images: torch.Tensor, params) -> Hashable:
+        """What the captured step depends on besides the values copied in before each replay."""
+        return (
+            _graphs.tensor_key(images),
+            (params.norm, params.eps, params.alpha, params.lower, params.upper),
+            (_graphs.tensor_key(params.eps_t), _graphs.tensor_key(params.alpha_t)),
+            (self.decay, self.targeted, id(self.loss), self.autocast, self.backend, get_backend()),
+            _graphs.model_key(self.model),
+        )
+
+    def _graphed(self, images: torch.Tensor, labels: torch.Tensor, start: torch.Tensor, params) -> torch.Tensor:
+        """The steps with one step captured as a CUDA graph on the images' device and replayed.
+        The first call with a key runs GRAPH_WARMUP eager steps on a side stream, then captures;
+        later calls copy their inputs into the captured step's tensors, run one eager step (it
+        checks the logits against the labels) and replay the rest. Same result as eager."""
+        key = self._graph_key(images, params)
+        entry = self._graphs.get(key)
+        with _graphs.on_device(images.device):
+            if entry is None:
+                entry = _CapturedStep(images, labels, start, params, momentum=self.decay > 0)
+                run = entry.step_with(self)
+
+                def warmup() -> None:
+                    for k in range(GRAPH_WARMUP):
+                        run(first=k == 0)
+
+                entry.graph = _graphs.capture(images.device, run, warmup=warmup)
+                self._graphs.put(key, entry)
+                replays = self.steps - GRAPH_WARMUP
+            else:
+                entry.load(images, labels, start, params)
+                entry.step_with(self)(first=True)
+                replays = self.steps - 1
+            for _ in range(replays):
+                entry.graph.replay()
+            return entry.x_adv.clone()  # the static buffer is the next call's
 
     def _momentum(self, momentum: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         g = grad.float()
         scale = g.abs().reshape(g.shape[0], -1).mean(dim=1)
         scale = torch.where(scale > 0, scale, 1.0).view((-1,) + (1,) * (g.dim() - 1))
         return momentum.mul_(self.decay).add_(g / scale)
+
+
+class _CapturedStep:
+    """The static tensors one captured PGD step reads and writes (copies of a call's inputs and
+    the adversarial batch it updates in place), and its graph."""
+
+    def __init__(self, images, labels, start, params, momentum: bool) -> None:
+        self.images, self.labels, self.x_adv = images.clone(), labels.clone(), start.clone()
+        self.momentum = torch.zeros_like(images, dtype=torch.float32) if momentum else None
+        eps_t, alpha_t = (None if t is None else t.clone() for t in (params.eps_t, params.alpha_t))
+        self.params = dataclasses.replace(params, eps_t=eps_t, alpha_t=alpha_t)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, images, labels, start, params) -> None:
+        """Copies a new call's inputs (same key) into the static tensors."""
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.x_adv.copy_(start)
+        if self.momentum is not None:
+            self.momentum.zero_()
+        for static, new in ((self.params.eps_t, params.eps_t), (self.params.alpha_t, params.alpha_t)):
+            if static is not None:
+                static.copy_(new)
+
+    def step_with(self, attack: PGD) -> Callable[..., None]:
+        """``step(first=False)``: one step of ``attack`` on the static tensors (the entry keeps
+        no reference to the attack, so that deleting the attack frees its graphs at once)."""
+        return functools.partial(attack._step, self.x_adv, self.images, self.labels, self.momentum, self.params)
 
 
 class PGDL2(PGD):
