@@ -295,7 +295,13 @@ def test_l2min_input_check_is_the_attacks_one():
         assert torch.equal(attack(x, labels.to(dtype)).distances, expected.distances)
 
 
-def test_l2min_on_step_and_ara_progress_per_step(capsys):
+def test_l2min_on_step_and_ara_progress_per_step(capsys, monkeypatch):
+    # every update drawn: tqdm skips redraws within 0.1 s, and this tiny run takes less than that
+    import functools
+    import sys
+
+    ara_module = sys.modules["pyadvk.metrics.ara"]  # pyadvk.metrics.ara is the function
+    monkeypatch.setattr(ara_module, "tqdm", functools.partial(ara_module.tqdm, mininterval=0, miniters=1))
     model = linear_model(classes=3, seed=4)
     x = torch.rand(9, 1, 3, 4, generator=torch.Generator().manual_seed(0))
     labels = model(x).argmax(1)
