@@ -14,29 +14,13 @@ from pyadvk.ops import apgd_step, apgd_step_, pgd_step
 from pyadvk.ops.apgd import APGD_STEP
 from pyadvk.ops.pgd import NORMS
 from tests.conftest import available
-from tests.utils import ISA_ORDER, assert_matches_reference, run_on_cpu_isa, ulp
+from tests.utils import ISA_ORDER, PGD_DTYPES, PGD_SHAPES, assert_matches_reference, run_on_cpu_isa, ulp
 
 BACKENDS = available(APGD_STEP, "cpu")
 BODIES = [b for b in BACKENDS if b != "torch"]  # the bodies tested against the reference
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# Shapes no block size divides, a batch of 1, images, flat vectors, one value per sample, a sample
-# longer than one cpp tile (16384 values).
-SHAPES = st.sampled_from(
-    [
-        (1, 1),
-        (1, 7),
-        (3, 1),
-        (2, 3, 5, 7),
-        (5, 3, 4, 4),
-        (1, 3, 17, 19),
-        (4, 1000),
-        (2, 4100),
-        (3, 2, 3, 4, 5),
-        (7,),
-        (2, 16385),
-    ]
-)
+DTYPES = PGD_DTYPES
+# The PGD step's shapes (no block size divides them; a sample longer than one cpp tile of 16384).
+SHAPES = PGD_SHAPES
 
 
 def make_inputs(
