@@ -15,11 +15,6 @@ from torch import nn
 from pyadvk.attacks import APGD, APGDT, PGD, _graphs
 
 CUDA = torch.cuda.is_available()
-# The cache is in the working tree of pyadvk/attacks/pgd.py and apgd.py, committed together with
-# another engineer's pending edits of those files; until then these tests skip (remove this then).
-pytestmark = pytest.mark.skipif(
-    not hasattr(PGD, "release_graphs"), reason="the attacks' CUDA-graph cache is not in this checkout yet"
-)
 
 
 class _ReplayByRerun:
