@@ -37,7 +37,11 @@ def extensions():
             f"CUDA_HOME is {CUDA_HOME}: a CUDA build of torch and a CUDA toolkit are both needed"
         )
     use_cuda = have_cuda and not _flag("PYADVK_SKIP_CUDA")
-    cxx = ["-O3", "-fopenmp"]
+    # No contraction of a * b + c into one FMA: the bodies follow the torch body's float32
+    # operations one rounding at a time (a fused multiply-add moves results by an ulp, and by far
+    # more where a large step cancels: tests/test_l2_cancellation.py). Triton launches ask the same
+    # (kernels/_common.py, unfused).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(
         name="pyadvk._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -48,7 +52,7 @@ def extensions():
             sources=sources + cuda_sources,
             extra_compile_args={
                 "cxx": cxx + ["-DPYADVK_WITH_CUDA"],
-                "nvcc": ["-O3", "-DPYADVK_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "-DPYADVK_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"],
             },
             **kwargs,
         )

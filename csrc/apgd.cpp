@@ -25,8 +25,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
       norm == Norm::L2 && !apgd_l2_sample_at_a_time(B, D, x.element_size(), at::get_num_threads());
   if (workspace) {
     partial = at::empty({3 * cpu_tiles(B, D)}, x.options().dtype(at::kDouble));
-    static_assert(sizeof(ApgdL2Scalars) == 3 * sizeof(float), "ApgdL2Scalars is stored in a float tensor");
-    scalars = at::empty({3 * B}, x.options().dtype(at::kFloat));
+    static_assert(sizeof(ApgdL2Scalars) == 2 * sizeof(double), "ApgdL2Scalars is stored in a double tensor");
+    scalars = at::empty({2 * B}, x.options().dtype(at::kDouble));
   }
   ApgdStepArgs args{norm,
                     x.scalar_type(),
@@ -46,7 +46,7 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
                     static_cast<float>(lower),
                     static_cast<float>(upper),
                     workspace ? partial.data_ptr<double>() : nullptr,
-                    workspace ? reinterpret_cast<ApgdL2Scalars*>(scalars.data_ptr<float>()) : nullptr};
+                    workspace ? reinterpret_cast<ApgdL2Scalars*>(scalars.data_ptr<double>()) : nullptr};
   apgd_step_dispatch(args);
 }
 

@@ -18,17 +18,17 @@
 
 namespace pyadvk {
 
-// The cpp l2 step runs all three passes over one sample on one thread when its four inputs fit in
-// kL2ResidentBytes (pgd.h): the second and third passes then read it from that core's cache.
+// The cpp l2 step runs all four passes over one sample on one thread when its four inputs fit in
+// kL2ResidentBytes (pgd.h): the later passes then read it from that core's cache.
 inline bool apgd_l2_sample_at_a_time(int64_t B, int64_t D, int64_t item_size, int64_t threads) {
   return 4 * D * item_size <= kL2ResidentBytes && B >= threads;
 }
 
-// Per-sample scalars of the l2 step after pass 1 (and pass 2 for f2).
+// Per-sample scalars of the l2 step: inv after pass 1, f1 after pass 2, f2 after pass 3.
 struct ApgdL2Scalars {
-  float gn;  // |g| rounded to float (1 when |g| = 0: then g = 0); the step is g / gn in float
-  float f1;  // projection factor of z: min(1, eps/|x + eta g/|g| - x_orig|)
-  float f2;  // projection factor of y: min(1, eps/|w - x_orig|)
+  double inv;  // 1/|g| (0 when |g| = 0); the step is g * inv in double rounded to float, as the reference
+  float f1;    // projection factor of z: min(1, eps/|x + eta g/|g| - x_orig|)
+  float f2;    // projection factor of y: min(1, eps/|w - x_orig|)
 };
 
 // Arguments of one APGD step as the CPU kernels (csrc/cpu/apgd_kernels.inc) see them.

@@ -25,8 +25,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
   const bool workspace =
       norm == Norm::L2 && !l2_sample_at_a_time(B, D, x_adv.element_size(), at::get_num_threads());
   if (workspace) {
-    partial = at::empty({3 * cpu_tiles(B, D)}, x_adv.options().dtype(at::kDouble));
-    scalars = at::empty({2 * B}, x_adv.options().dtype(at::kFloat));
+    partial = at::empty({2 * cpu_tiles(B, D)}, x_adv.options().dtype(at::kDouble));
+    scalars = at::empty({2 * B}, x_adv.options().dtype(at::kDouble));
   }
   PgdStepArgs args{norm,
                    x_adv.scalar_type(),
@@ -43,7 +43,7 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
                    static_cast<float>(lower),
                    static_cast<float>(upper),
                    workspace ? partial.data_ptr<double>() : nullptr,
-                   workspace ? scalars.data_ptr<float>() : nullptr};
+                   workspace ? scalars.data_ptr<double>() : nullptr};
   pgd_step_dispatch(args);
 }
 

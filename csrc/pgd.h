@@ -18,11 +18,12 @@ constexpr int64_t kCpuTile = 16384;
 inline int64_t cpu_tiles(int64_t B, int64_t D) { return B * ((D + kCpuTile - 1) / kCpuTile); }
 
 // The cpp l2 step reduces and writes a sample in one go, on one thread, when its three inputs fit
-// in kL2ResidentBytes (an ImageNet image in fp32 is 1.8 MB), so the elementwise pass reads it back
+// in kL2ResidentBytes (an ImageNet image in fp32 is 1.8 MB), so the later passes read it back
 // from that core's L2 (1-2 MiB on current x86 server cores) instead of from memory; measured on a
 // 2-core Xeon VM, 2 MiB L2 per core, this took the ImageNet-size l2 step from 5.2 to 3.9 ms (linf:
-// 2.8). Larger samples, or fewer samples than threads, take two phases over tiles (which also
-// balance threads over tiles) and need the workspace of PgdStepArgs.
+// 2.8; figures from before the step's second reduction). Larger samples, or fewer samples than
+// threads, take phases over tiles (which also balance threads over tiles) and need the workspace
+// of PgdStepArgs.
 constexpr int64_t kL2ResidentBytes = 2 * 1024 * 1024;
 
 inline bool l2_sample_at_a_time(int64_t B, int64_t D, int64_t item_size, int64_t threads) {
@@ -43,8 +44,8 @@ struct PgdStepArgs {
   const float* alpha_t;
   float alpha;
   float lower, upper;
-  double* partial;       // l2 in two phases: 3 * cpu_tiles(B, D) doubles of workspace, else null
-  float* sample_scalars;  // l2 in two phases: 2 * B floats of workspace, else null
+  double* partial;       // l2 in phases: 2 * cpu_tiles(B, D) doubles of workspace, else null
+  double* sample_scalars;  // l2 in phases: 2 * B doubles (1/|g|, factor) of workspace, else null
 };
 
 struct LinfInitArgs {

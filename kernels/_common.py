@@ -42,6 +42,16 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def unfused() -> dict:
+    """The launch option that keeps every float32 multiply and add separately rounded, as the torch
+    body's separate ops are: on a GPU Triton fuses ``a * b + c`` into one FMA by default, which moves
+    a result by an ulp, and by far more where a step much larger than its result cancels (the cpp
+    and CUDA bodies are built without contraction too, setup.py).
+    Left out while torch.compile traces, which takes no such option for user kernels (a compiled
+    graph may fuse)."""
+    return {} if torch.compiler.is_compiling() else {"enable_fp_fusion": False}
+
+
 def size_class(n: int) -> int:
     """The autotuning key of a launch over ``n`` values: the exponent of the power of two >= n."""
     return max(n - 1, 0).bit_length()
@@ -112,8 +122,10 @@ def clamp_nan(v, lo, hi):
 
 
 @triton.jit
-def expanded_square_norm(pp, pg, gg, s):
-    """|p + s g|^2 = pp + 2 s pg + s^2 gg from the sums pp = |p|^2, pg = <p, g>, gg = |g|^2 (float64).
-    An infinite p (pp = inf) with a finite |g| makes the result inf, which the expansion would turn
-    into NaN (inf - inf, inf * 0); a NaN stays NaN."""
-    return tl.where((pp == float("inf")) & (gg != float("inf")), pp, pp + 2.0 * s * pg + s * s * gg)
+def sample_sum(partial_ptr, b, per_sample, PARTIAL_BLOCK: tl.constexpr):
+    """Sample b's total of its per-tile partials (one float64 per tile), added in one fixed order."""
+    acc = tl.zeros([PARTIAL_BLOCK], tl.float64)
+    for start in range(0, per_sample, PARTIAL_BLOCK):
+        c = start + tl.arange(0, PARTIAL_BLOCK)
+        acc += tl.load(partial_ptr + b * per_sample + c, mask=c < per_sample, other=0.0)
+    return tl.sum(acc, axis=0)

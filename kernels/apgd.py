@@ -2,11 +2,10 @@
 passes).
 
 Each program owns one tile of BLOCK values inside one sample, so per-sample eta/eps are loaded once
-per program. linf is one kernel. l2 is three: per-tile partial sums of |g|^2, |x - x_orig|^2 and
-<x - x_orig, g> in float64 (float32 squares under/overflow for gradients beyond 1e+-19); then per
-tile |w - x_orig|^2 of the momentum point w, each program first combining its sample's pass-1
-partials into |g| and z's projection factor (|x + c g - x_orig|^2 = pp + 2 c pg + c^2 gg with
-c = eta/|g|); then the write. The linf kernel is autotuned per size class (kernels/_common.py).
+per program. linf is one kernel. l2 is four, each writing per-tile partial sums in float64
+(float32 squares under/overflow for gradients beyond 1e+-19) that the later ones combine per sample:
+|g|^2; |d1|^2 of z's float32 offset d1 = x + eta g/|g| - x_orig; |w - x_orig|^2 of the momentum
+point w; then the write. The linf kernel is autotuned per size class (kernels/_common.py).
 min/max/clamp propagate NaN as torch's do. Launches run on the tensors' device. Registered with
 torch.library.triton_op (``pyadvk::apgd_step_linf_triton``, ``apgd_step_linf_triton_``,
 ``apgd_step_l2_triton``, ``apgd_step_l2_triton_``), so torch.compile sees through them.
@@ -26,14 +25,15 @@ from pyadvk.kernels._common import (
     PARTIAL_BLOCK,
     benchmark,
     clamp_nan,
-    expanded_square_norm,
     max_nan,
     min_nan,
     on_device_of,
     per_sample_value,
     plan,
+    sample_sum,
     size_class,
     tile,
+    unfused,
 )
 from pyadvk.kernels._common import load_f32 as _load
 
@@ -78,49 +78,68 @@ def _linf_kernel(
 
 
 @triton.jit
-def _l2_first_kernel(x_ptr, xo_ptr, g_ptr, partial_ptr, D, BLOCK: tl.constexpr):
+def _l2_gg_kernel(g_ptr, gg_ptr, D, BLOCK: tl.constexpr):
+    """Pass 1: this tile's |g|^2 in float64 (g without NaN)."""
     _, offs, mask = tile(D, BLOCK)
-    x = _load(x_ptr, offs, mask).to(tl.float64)
-    xo = _load(xo_ptr, offs, mask).to(tl.float64)
     g = _load(g_ptr, offs, mask)
     g = tl.where(g != g, 0.0, g).to(tl.float64)
-    p = x - xo
-    out = partial_ptr + tl.program_id(0).to(tl.int64) * 3
-    tl.store(out, tl.sum(g * g, axis=0))
-    tl.store(out + 1, tl.sum(p * p, axis=0))
-    tl.store(out + 2, tl.sum(p * g, axis=0))
+    tl.store(gg_ptr + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
 
 
 @triton.jit
-def _first_scalars(partial_ptr, b, per_sample, eps, eta, PARTIAL_BLOCK: tl.constexpr):
-    """|g| as float32 (1 when |g| = 0) and z's projection factor (float32) of sample b from the
-    pass-1 partials."""
-    gg = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    pp = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    pg = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    for start in range(0, per_sample, PARTIAL_BLOCK):
-        c = start + tl.arange(0, PARTIAL_BLOCK)
-        cm = c < per_sample
-        src = partial_ptr + (b * per_sample + c) * 3
-        gg += tl.load(src, mask=cm, other=0.0)
-        pp += tl.load(src + 1, mask=cm, other=0.0)
-        pg += tl.load(src + 2, mask=cm, other=0.0)
-    gg_s = tl.sum(gg, axis=0)
-    gn = tl.sqrt(gg_s)
-    c = tl.where(gn > 0, eta.to(tl.float64) / tl.where(gn > 0, gn, 1.0), 0.0)
-    dd = expanded_square_norm(tl.sum(pp, axis=0), tl.sum(pg, axis=0), gg_s, c)
-    dn = tl.sqrt(tl.where(dd > 0, dd, 0.0))
-    finite = (gn - gn) == 0.0  # an infinite |g| leaves z unprojected, as the reference's NaN norm does
-    f1 = tl.where((dn > eps) & finite, eps / tl.where(dn > 0, dn, 1.0), 1.0).to(tl.float32)
-    return tl.where(gn > 0, gn, 1.0).to(tl.float32), f1
+def _gdiv(gg_ptr, b, per_sample, PARTIAL_BLOCK: tl.constexpr):
+    """Sample b's |g| in float64 (1 where |g| = 0: then g = 0)."""
+    gn = tl.sqrt(sample_sum(gg_ptr, b, per_sample, PARTIAL_BLOCK))
+    return tl.where(gn > 0, gn, 1.0)
 
 
 @triton.jit
-def _momentum_point(x, xp, xo, g, gn, f1, h, m, r, lo, hi):
-    g = tl.where(g != g, 0.0, g)
-    q = g / gn
-    d1 = (x + h * q) - xo
-    z = clamp_nan(xo + d1 * f1, lo, hi)
+def _d1(x, xo, g, gdiv, h):
+    """z's offset d1 = x + eta g/|g| - x_orig as the torch body: g/|g| in float64 rounded to
+    float32, the rest in float32 (g without NaN)."""
+    q = (tl.where(g != g, 0.0, g).to(tl.float64) / gdiv).to(tl.float32)
+    return (x + h * q) - xo
+
+
+@triton.jit
+def _l2_d1_kernel(
+    x_ptr,
+    xo_ptr,
+    g_ptr,
+    gg_ptr,
+    dd1_ptr,
+    eta_ptr,
+    D,
+    per_sample,
+    eta,
+    HAS_ETA_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr,
+):
+    """Pass 2: this tile's |d1|^2 (float64) from the float32 d1."""
+    b, offs, mask = tile(D, BLOCK)
+    h = per_sample_value(eta_ptr, b, eta, HAS_ETA_T, tl.float32)
+    gdiv = _gdiv(gg_ptr, b, per_sample, PARTIAL_BLOCK)
+    d1 = _d1(_load(x_ptr, offs, mask), _load(xo_ptr, offs, mask), _load(g_ptr, offs, mask), gdiv, h)
+    d1 = tl.where(mask, d1, 0.0).to(tl.float64)
+    tl.store(dd1_ptr + tl.program_id(0).to(tl.int64), tl.sum(d1 * d1, axis=0))
+
+
+@triton.jit
+def _first_scalars(gg_ptr, dd1_ptr, b, per_sample, e, PARTIAL_BLOCK: tl.constexpr):
+    """Sample b's |g| (float64, 1 where 0) and z's projection factor (float32; 1 for a NaN norm or
+    an infinite |g|, as the reference's NaN norm)."""
+    gg = sample_sum(gg_ptr, b, per_sample, PARTIAL_BLOCK)
+    gn = tl.sqrt(gg)
+    dn = tl.sqrt(sample_sum(dd1_ptr, b, per_sample, PARTIAL_BLOCK))
+    finite = (gn - gn) == 0.0
+    f1 = tl.where((dn > e) & finite, e / tl.where(dn > 0, dn, 1.0), 1.0).to(tl.float32)
+    return tl.where(gn > 0, gn, 1.0), f1
+
+
+@triton.jit
+def _momentum_point(x, xp, xo, g, gdiv, f1, h, m, r, lo, hi):
+    z = clamp_nan(xo + _d1(x, xo, g, gdiv, h) * f1, lo, hi)
     return (x + m * (z - x)) + r * (x - xp)
 
 
@@ -130,8 +149,9 @@ def _l2_second_kernel(
     xp_ptr,
     xo_ptr,
     g_ptr,
-    partial_ptr,
-    partial2_ptr,
+    gg_ptr,
+    dd1_ptr,
+    dd2_ptr,
     eta_ptr,
     eps_ptr,
     D,
@@ -147,18 +167,19 @@ def _l2_second_kernel(
     BLOCK: tl.constexpr,
     PARTIAL_BLOCK: tl.constexpr,
 ):
+    """Pass 3: this tile's |w - x_orig|^2 (float64) of the momentum point w."""
     b, offs, mask = tile(D, BLOCK)
     h = per_sample_value(eta_ptr, b, eta, HAS_ETA_T, tl.float32)
     e = per_sample_value(eps_ptr, b, eps, HAS_EPS_T, tl.float64)
-    gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
+    gdiv, f1 = _first_scalars(gg_ptr, dd1_ptr, b, per_sample, e, PARTIAL_BLOCK)
     m, r = tl.cast(momentum, tl.float32), tl.cast(rest, tl.float32)
     lo, hi = tl.cast(lower, tl.float32), tl.cast(upper, tl.float32)
     xo = _load(xo_ptr, offs, mask)
     w = _momentum_point(
-        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gn, f1, h, m, r, lo, hi
+        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gdiv, f1, h, m, r, lo, hi
     )
     d2 = tl.where(mask, w - xo, 0.0).to(tl.float64)
-    tl.store(partial2_ptr + tl.program_id(0).to(tl.int64), tl.sum(d2 * d2, axis=0))
+    tl.store(dd2_ptr + tl.program_id(0).to(tl.int64), tl.sum(d2 * d2, axis=0))
 
 
 @triton.jit
@@ -168,8 +189,9 @@ def _l2_write_kernel(
     xo_ptr,
     g_ptr,
     out_ptr,
-    partial_ptr,
-    partial2_ptr,
+    gg_ptr,
+    dd1_ptr,
+    dd2_ptr,
     eta_ptr,
     eps_ptr,
     D,
@@ -185,21 +207,18 @@ def _l2_write_kernel(
     BLOCK: tl.constexpr,
     PARTIAL_BLOCK: tl.constexpr,
 ):
+    """Pass 4: y = clamp(x_orig + (w - x_orig) min(1, eps/|w - x_orig|))."""
     b, offs, mask = tile(D, BLOCK)
     h = per_sample_value(eta_ptr, b, eta, HAS_ETA_T, tl.float32)
     e = per_sample_value(eps_ptr, b, eps, HAS_EPS_T, tl.float64)
-    gn, f1 = _first_scalars(partial_ptr, b, per_sample, e, h, PARTIAL_BLOCK)
-    dd = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    for start in range(0, per_sample, PARTIAL_BLOCK):
-        c = start + tl.arange(0, PARTIAL_BLOCK)
-        dd += tl.load(partial2_ptr + b * per_sample + c, mask=c < per_sample, other=0.0)
-    dn = tl.sqrt(tl.sum(dd, axis=0))
+    gdiv, f1 = _first_scalars(gg_ptr, dd1_ptr, b, per_sample, e, PARTIAL_BLOCK)
+    dn = tl.sqrt(sample_sum(dd2_ptr, b, per_sample, PARTIAL_BLOCK))
     f2 = tl.where(dn > e, e / tl.where(dn > 0, dn, 1.0), 1.0).to(tl.float32)  # NaN: 1
     m, r = tl.cast(momentum, tl.float32), tl.cast(rest, tl.float32)
     lo, hi = tl.cast(lower, tl.float32), tl.cast(upper, tl.float32)
     xo = _load(xo_ptr, offs, mask)
     w = _momentum_point(
-        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gn, f1, h, m, r, lo, hi
+        _load(x_ptr, offs, mask), _load(xp_ptr, offs, mask), xo, _load(g_ptr, offs, mask), gdiv, f1, h, m, r, lo, hi
     )
     y = clamp_nan(xo + (w - xo) * f2, lo, hi)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -219,18 +238,20 @@ def _launch(linf: bool, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentu
             D = x.numel() // B
             grid = lambda meta: (B * triton.cdiv(D, meta["BLOCK"]),)  # noqa: E731
             args = (x, x_prev, x_orig, grad, out, eta_ptr, eps_ptr, D, *scalars, size_class(x.numel()))
-            wrap_triton(_linf_kernel)[grid](*args, **flags)
+            wrap_triton(_linf_kernel)[grid](*args, **flags, **unfused())
             return
         D, per_sample, block = plan(x)
         grid = (B * per_sample,)
-        partial = torch.empty(grid[0] * 3, device=x.device, dtype=torch.float64)
-        partial2 = torch.empty(grid[0], device=x.device, dtype=torch.float64)
-        wrap_triton(_l2_first_kernel)[grid](x, x_orig, grad, partial, D, BLOCK=block)
-        flags.update(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
+        gg, dd1, dd2 = (torch.empty(grid[0], device=x.device, dtype=torch.float64) for _ in range(3))
+        sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
+        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused())
+        wrap_triton(_l2_d1_kernel)[grid](
+            x, x_orig, grad, gg, dd1, eta_ptr, D, per_sample, eta, HAS_ETA_T=eta_t is not None, **sizes, **unfused()
+        )
         points = (x, x_prev, x_orig, grad)
-        sizes = (D, per_sample, *scalars)
-        wrap_triton(_l2_second_kernel)[grid](*points, partial, partial2, eta_ptr, eps_ptr, *sizes, **flags)
-        wrap_triton(_l2_write_kernel)[grid](*points, out, partial, partial2, eta_ptr, eps_ptr, *sizes, **flags)
+        args = (eta_ptr, eps_ptr, D, per_sample, *scalars)
+        wrap_triton(_l2_second_kernel)[grid](*points, gg, dd1, dd2, *args, **flags, **sizes, **unfused())
+        wrap_triton(_l2_write_kernel)[grid](*points, out, gg, dd1, dd2, *args, **flags, **sizes, **unfused())
 
 
 def _register(linf: bool, name: str, inplace_name: str) -> None:

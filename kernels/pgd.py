@@ -4,9 +4,11 @@
 
 Each program owns one tile of BLOCK values inside one sample, so per-sample eps/alpha are loaded
 once per program. linf (and the linf random start) is one elementwise kernel, autotuned per size
-class (kernels/_common.py). l2 is a reduction writing per-tile partial sums of |g|^2,
-|x_adv - x_orig|^2 and <x_adv - x_orig, g> in float64, then an elementwise kernel that combines its
-sample's partials: |d|^2 = pp + 2 s pg + s^2 gg with s = alpha/|g|, so d needs no second reduction.
+class (kernels/_common.py). l2 is three kernels: per-tile partial sums of |g|^2 in float64; per-tile
+|d|^2 of the float32 d that the write computes (each program combining its sample's |g|^2 first);
+the write, combining both. (|d|^2 expanded in first-pass sums would save the second reading of
+x_adv and x_orig but cancels where the step is much larger than d, and misses d's float rounding,
+which is part of the op.)
 min/max/clamp propagate NaN as torch's do. Launches run on the tensors' device. Registered with
 torch.library.triton_op, so torch.compile sees through them.
 """
@@ -25,15 +27,16 @@ from pyadvk.kernels._common import (
     PARTIAL_BLOCK,
     benchmark,
     clamp_nan,
-    expanded_square_norm,
     load_f32,
     max_nan,
     min_nan,
     on_device_of,
     per_sample_value,
     plan,
+    sample_sum,
     size_class,
     tile,
+    unfused,
 )
 
 
@@ -69,18 +72,51 @@ def _linf_step_kernel(
 
 
 @triton.jit
-def _l2_reduce_kernel(xa_ptr, xo_ptr, g_ptr, partial_ptr, D, BLOCK: tl.constexpr):
+def _l2_gg_kernel(g_ptr, partial_ptr, D, BLOCK: tl.constexpr):
+    """Pass 1: this tile's |g|^2 (float64: float32 squares of gradients beyond ~1e19 overflow and
+    below ~1e-19 underflow; g without NaN)."""
     _, offs, mask = tile(D, BLOCK)
-    xa = load_f32(xa_ptr, offs, mask)
-    xo = load_f32(xo_ptr, offs, mask)
     g = load_f32(g_ptr, offs, mask)
-    # sums in float64: float32 squares of gradients beyond ~1e19 overflow and below ~1e-19 underflow
     g = tl.where(g != g, 0.0, g).to(tl.float64)
-    p = (xa - xo).to(tl.float64)
-    out = partial_ptr + tl.program_id(0).to(tl.int64) * 3
-    tl.store(out, tl.sum(g * g, axis=0))
-    tl.store(out + 1, tl.sum(p * p, axis=0))
-    tl.store(out + 2, tl.sum(p * g, axis=0))
+    tl.store(partial_ptr + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _l2_direction(xa, xo, g, a, gdiv):
+    """d = x_adv + alpha g/|g| - x_orig as the torch body computes it: g/|g| in float64 rounded to
+    float32, the rest in float32 (g without NaN; gdiv = |g|, or 1 where |g| = 0)."""
+    g = tl.where(g != g, 0.0, g)
+    return (xa + a * (g.to(tl.float64) / gdiv).to(tl.float32)) - xo
+
+
+@triton.jit
+def _l2_gdiv(gg_ptr, b, per_sample, PARTIAL_BLOCK: tl.constexpr):
+    gn = tl.sqrt(sample_sum(gg_ptr, b, per_sample, PARTIAL_BLOCK))
+    return tl.where(gn > 0, gn, 1.0)
+
+
+@triton.jit
+def _l2_dd_kernel(
+    xa_ptr,
+    xo_ptr,
+    g_ptr,
+    gg_ptr,
+    dd_ptr,
+    alpha_ptr,
+    D,
+    per_sample,
+    alpha,
+    HAS_ALPHA_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTIAL_BLOCK: tl.constexpr,
+):
+    """Pass 2: this tile's |d|^2 (float64) from the float32 d that the write computes."""
+    b, offs, mask = tile(D, BLOCK)
+    gdiv = _l2_gdiv(gg_ptr, b, per_sample, PARTIAL_BLOCK)
+    a = per_sample_value(alpha_ptr, b, alpha, HAS_ALPHA_T, tl.float32)
+    d = _l2_direction(load_f32(xa_ptr, offs, mask), load_f32(xo_ptr, offs, mask), load_f32(g_ptr, offs, mask), a, gdiv)
+    d = tl.where(mask, d, 0.0).to(tl.float64)
+    tl.store(dd_ptr + tl.program_id(0).to(tl.int64), tl.sum(d * d, axis=0))
 
 
 @triton.jit
@@ -89,7 +125,8 @@ def _l2_apply_kernel(
     xo_ptr,
     g_ptr,
     out_ptr,
-    partial_ptr,
+    gg_ptr,
+    dd_ptr,
     eps_ptr,
     alpha_ptr,
     D,
@@ -103,31 +140,15 @@ def _l2_apply_kernel(
     BLOCK: tl.constexpr,
     PARTIAL_BLOCK: tl.constexpr,
 ):
+    """Pass 3: the write, y = clamp(x_orig + d min(1, eps/|d|))."""
     b, offs, mask = tile(D, BLOCK)
-    gg = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    pp = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    pg = tl.zeros([PARTIAL_BLOCK], tl.float64)
-    for start in range(0, per_sample, PARTIAL_BLOCK):
-        c = start + tl.arange(0, PARTIAL_BLOCK)
-        src = partial_ptr + (b * per_sample + c) * 3
-        cm = c < per_sample
-        gg += tl.load(src, mask=cm, other=0.0)
-        pp += tl.load(src + 1, mask=cm, other=0.0)
-        pg += tl.load(src + 2, mask=cm, other=0.0)
-    gg_s = tl.sum(gg, axis=0)
+    gdiv = _l2_gdiv(gg_ptr, b, per_sample, PARTIAL_BLOCK)
+    dn = tl.sqrt(sample_sum(dd_ptr, b, per_sample, PARTIAL_BLOCK))
     e = per_sample_value(eps_ptr, b, eps, HAS_EPS_T, tl.float32)
-    gn = tl.sqrt(gg_s)
-    a = tl.where(gn > 0, per_sample_value(alpha_ptr, b, alpha, HAS_ALPHA_T, tl.float32), 0.0)
-    gdiv = tl.where(gn > 0, gn, 1.0)
-    s = a.to(tl.float64) / gdiv
-    dd = expanded_square_norm(tl.sum(pp, axis=0), tl.sum(pg, axis=0), gg_s, s)
-    dn = tl.sqrt(tl.where(dd > 0, dd, 0.0))  # NaN: 0, so f = 1 (no projection, as the reference)
-    f = tl.where(dn > e, e / dn, 1.0).to(tl.float32)
-    xa = load_f32(xa_ptr, offs, mask)
+    f = tl.where(dn > e, e / dn, 1.0).to(tl.float32)  # NaN: 1 (no projection, as the reference)
+    a = per_sample_value(alpha_ptr, b, alpha, HAS_ALPHA_T, tl.float32)
     xo = load_f32(xo_ptr, offs, mask)
-    g = load_f32(g_ptr, offs, mask)
-    g = tl.where(g != g, 0.0, g)
-    d = (xa + a.to(tl.float32) * (g.to(tl.float64) / gdiv).to(tl.float32)) - xo
+    d = _l2_direction(load_f32(xa_ptr, offs, mask), xo, load_f32(g_ptr, offs, mask), a, gdiv)
     v = clamp_nan(xo + d * f, tl.cast(lower, tl.float32), tl.cast(upper, tl.float32))
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -185,18 +206,36 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
                 upper,
                 size_class(x_adv.numel()),
                 **flags,
+                **unfused(),
             )
             return
         D, per_sample, block = plan(x_adv)
         grid = (B * per_sample,)
-        partial = torch.empty(grid[0] * 3, device=x_adv.device, dtype=torch.float64)
-        wrap_triton(_l2_reduce_kernel)[grid](x_adv, x_orig, grad, partial, D, BLOCK=block)
+        gg = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
+        dd = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
+        sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
+        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused())
+        wrap_triton(_l2_dd_kernel)[grid](
+            x_adv,
+            x_orig,
+            grad,
+            gg,
+            dd,
+            alpha_ptr,
+            D,
+            per_sample,
+            alpha,
+            HAS_ALPHA_T=alpha_t is not None,
+            **sizes,
+            **unfused(),
+        )
         wrap_triton(_l2_apply_kernel)[grid](
             x_adv,
             x_orig,
             grad,
             out,
-            partial,
+            gg,
+            dd,
             eps_ptr,
             alpha_ptr,
             D,
@@ -205,9 +244,9 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
             alpha,
             lower,
             upper,
-            BLOCK=block,
-            PARTIAL_BLOCK=PARTIAL_BLOCK,
             **flags,
+            **sizes,
+            **unfused(),
         )
 
 
@@ -277,5 +316,6 @@ def random_init_linf_triton(
             upper,
             size_class(x.numel()),
             HAS_EPS_T=eps_per_sample is not None,
+            **unfused(),
         )
     return out

@@ -1,10 +1,10 @@
 // CUDA bodies of the fused APGD step (formulas: csrc/apgd.h and pyadvk/ops/apgd.py).
 //
 // Each block owns one tile of kTile values that never crosses a sample boundary, so per-sample
-// eta/eps are read once per block. linf is one kernel (4 reads + 1 write per value). l2 is three:
-// per-tile partial sums (|g|^2, |x - x_orig|^2, <x - x_orig, g>) in double; then per tile
-// |w - x_orig|^2 of the momentum point w, each block first combining its sample's pass-1 partials
-// into |g| and z's projection factor; then the write, each block combining both. Blocks combine
+// eta/eps are read once per block. linf is one kernel (4 reads + 1 write per value). l2 is four,
+// each writing per-tile partial sums in double that the later ones combine per sample: |g|^2;
+// |d1|^2 of z's float offset d1 = x + eta g/|g| - x_orig (summed from d1 itself, as the torch body);
+// |w - x_orig|^2 of the momentum point w; then the write. Blocks combine
 // partials in one fixed order, so the factors are the same in every block and every run (no
 // atomics). Loads and stores are 16-byte vectors when every pointer is aligned and D is a multiple
 // of the width. min/max/clamp propagate NaN as torch.minimum/maximum/clamp do (common.cuh).
@@ -61,10 +61,25 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) l2_gg_kernel(const T* g, double* gg, int64_t D, int64_t per_sample) {
+  tile_square_norm<T, VEC>(g, gg, tile_info(D, per_sample));
+}
+
+// z's float offset d1 = x + eta g/|g| - x_orig at one value, as the torch body (unit_step:
+// common.cuh).
+__device__ __forceinline__ float first_offset(float x, float o, float g, double inv, float h) {
+  return (x + h * unit_step(g, inv)) - o;
+}
+
+// This block's tile sum of |d1|^2 (double) from the float d1.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_first_kernel(const T* x, const T* xo, const T* g, double* partial, int64_t D, int64_t per_sample) {
+    l2_d1_kernel(const T* x, const T* xo, const T* g, const double* gg, double* dd1, int64_t D, int64_t per_sample,
+                 Params p) {
   const TileInfo t = tile_info(D, per_sample);
-  double s[3] = {0.0, 0.0, 0.0};
+  const double inv = inverse_norm(sample_total(gg, t.b, per_sample));
+  const float h = eta_of(p, t.b);
+  double s[1] = {0.0};
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float vx[VEC], vo[VEC], vg[VEC];
     load_pack<VEC>(x + t.base + i, vx);
@@ -72,62 +87,41 @@ __global__ void __launch_bounds__(kThreads)
     load_pack<VEC>(g + t.base + i, vg);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
-      const double d = static_cast<double>(vx[k]) - static_cast<double>(vo[k]);
-      s[0] += gk * gk;
-      s[1] += d * d;
-      s[2] += d * gk;
+      const double d1 = first_offset(vx[k], vo[k], vg[k], inv, h);
+      s[0] += d1 * d1;
     }
   }
-  block_sum<3>(s);
-  if (threadIdx.x == 0) {
-    double* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
-    dst[0] = s[0];
-    dst[1] = s[1];
-    dst[2] = s[2];
-  }
+  block_sum<1>(s);
+  if (threadIdx.x == 0) dd1[blockIdx.x] = s[0];
 }
 
-// |g| (rounded to float; 1 when |g| = 0) and z's projection factor of this block's sample from the
-// pass-1 partials (see apgd.h).
+// 1/|g| (double; 0 when |g| = 0) and z's projection factor of this block's sample (1 for a NaN
+// norm or an infinite |g|, as the torch body's NaN norm).
 struct First {
-  float gn;
+  double inv;
   float f1;
 };
 
-__device__ __forceinline__ First first_scalars(const double* partial, int64_t b, int64_t per_sample, double eps,
-                                               float eta) {
-  double s[3] = {0.0, 0.0, 0.0};
-  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
-    const double* src = partial + 3 * (b * per_sample + c);
-    s[0] += src[0];
-    s[1] += src[1];
-    s[2] += src[2];
-  }
-  block_sum<3>(s);
-  const double gn = sqrt(s[0]);
-  const double c = gn > 0.0 ? static_cast<double>(eta) / gn : 0.0;
-  const double dd = expanded_square_norm(s[1], s[2], s[0], c);
-  const double dn = sqrt(dd > 0.0 ? dd : 0.0);
-  return {gn > 0.0 ? static_cast<float>(gn) : 1.f, (dn > eps && !isinf(gn)) ? static_cast<float>(eps / dn) : 1.f};
+__device__ __forceinline__ First first_scalars(const double* gg, const double* dd1, int64_t b, int64_t per_sample,
+                                               double eps) {
+  const double g2 = sample_total(gg, b, per_sample);
+  const double dn = sqrt(sample_total(dd1, b, per_sample));
+  return {inverse_norm(g2), (dn > eps && !isinf(g2)) ? static_cast<float>(eps / dn) : 1.f};
 }
 
 __device__ __forceinline__ float momentum_point(float x, float xp, float o, float g, const First& f, float h,
                                                 const Params& p) {
-  const float gk = isnan(g) ? 0.f : g;
-  const float q = gk / f.gn;  // IEEE division (no fast math), as the cpp body
-  const float d1 = (x + h * q) - o;
-  const float z = clamp_nan(o + d1 * f.f1, p.lo, p.hi);
+  const float z = clamp_nan(o + first_offset(x, o, g, f.inv, h) * f.f1, p.lo, p.hi);
   return (x + p.momentum * (z - x)) + p.rest * (x - xp);
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_second_kernel(const T* x, const T* xp, const T* xo, const T* g, const double* partial, double* partial2,
-                     int64_t D, int64_t per_sample, Params p) {
+    l2_second_kernel(const T* x, const T* xp, const T* xo, const T* g, const double* gg, const double* dd1,
+                     double* partial2, int64_t D, int64_t per_sample, Params p) {
   const TileInfo t = tile_info(D, per_sample);
   const float h = eta_of(p, t.b);
-  const First f = first_scalars(partial, t.b, per_sample, eps_of(p, t.b), h);
+  const First f = first_scalars(gg, dd1, t.b, per_sample, eps_of(p, t.b));
   double s[1] = {0.0};
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float vx[VEC], vp[VEC], vo[VEC], vg[VEC];
@@ -147,16 +141,13 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_write_kernel(const T* x, const T* xp, const T* xo, const T* g, T* out, const double* partial,
+    l2_write_kernel(const T* x, const T* xp, const T* xo, const T* g, T* out, const double* gg, const double* dd1,
                     const double* partial2, int64_t D, int64_t per_sample, Params p) {
   const TileInfo t = tile_info(D, per_sample);
   const float h = eta_of(p, t.b);
   const double eps = eps_of(p, t.b);
-  const First f = first_scalars(partial, t.b, per_sample, eps, h);
-  double s[1] = {0.0};
-  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) s[0] += partial2[t.b * per_sample + c];
-  block_sum<1>(s);
-  const double dn = sqrt(s[0]);
+  const First f = first_scalars(gg, dd1, t.b, per_sample, eps);
+  const double dn = sqrt(sample_total(partial2, t.b, per_sample));
   const float f2 = dn > eps ? static_cast<float>(eps / dn) : 1.f;  // NaN: 1
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float vx[VEC], vp[VEC], vo[VEC], vg[VEC], y[VEC];
@@ -187,9 +178,10 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
   const Params p{optional_data(eta_t),      static_cast<float>(eta),          optional_data(eps_t),
                  eps,                       static_cast<float>(momentum),     static_cast<float>(1.0 - momentum),
                  static_cast<float>(lower), static_cast<float>(upper)};
-  at::Tensor partial, partial2;
+  at::Tensor gg, dd1, partial2;  // per-tile |g|^2, |d1|^2, |w - x_orig|^2
   if (norm == Norm::L2) {
-    partial = at::empty({3 * B * per_sample}, x.options().dtype(at::kDouble));
+    gg = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
+    dd1 = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
     partial2 = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
@@ -203,13 +195,14 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      double* part = partial.data_ptr<double>();
-      double* part2 = partial2.data_ptr<double>();
-      l2_first_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, po, pg, part, D, per_sample);
+      double *pgg = gg.data_ptr<double>(), *pdd1 = dd1.data_ptr<double>(), *part2 = partial2.data_ptr<double>();
+      l2_gg_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(pg, pgg, D, per_sample);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      l2_second_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, part, part2, D, per_sample, p);
+      l2_d1_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, po, pg, pgg, pdd1, D, per_sample, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      l2_write_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, py, part, part2, D, per_sample, p);
+      l2_second_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, pgg, pdd1, part2, D, per_sample, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      l2_write_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, pp, po, pg, py, pgg, pdd1, part2, D, per_sample, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -91,13 +91,41 @@ __device__ __forceinline__ void block_sum(double (&v)[N]) {
   __syncthreads();  // shared may be reused by a later call
 }
 
-// |d|^2 = pp + 2 s pg + s^2 gg for d = p + s g from the sums pp = |p|^2, pg = <p, g>, gg = |g|^2.
-// An infinite p (pp = inf) with a finite |g| makes d infinite: |d|^2 = inf, which the expansion
-// would turn into NaN (inf - inf, inf * 0). A NaN stays NaN (then no projection, as the torch
-// body's NaN norm).
-__device__ __forceinline__ double expanded_square_norm(double pp, double pg, double gg, double s) {
-  return isinf(pp) && !isinf(gg) ? pp : pp + 2.0 * s * pg + s * s * gg;
+// Sample b's total of its per-tile partials (one double per tile), in a fixed order; every thread
+// gets it.
+__device__ __forceinline__ double sample_total(const double* partial, int64_t b, int64_t per_sample) {
+  double s[1] = {0.0};
+  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) s[0] += partial[b * per_sample + c];
+  block_sum<1>(s);
+  return s[0];
 }
+
+// This block's tile sum of |g|^2 (double: float squares of gradients beyond ~1e19 overflow and
+// below ~1e-19 underflow; g without NaN) into partial[blockIdx.x].
+template <typename T, int VEC>
+__device__ __forceinline__ void tile_square_norm(const T* g, double* partial, const TileInfo& t) {
+  double s[1] = {0.0};
+  for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
+    float vg[VEC];
+    load_pack<VEC>(g + t.base + i, vg);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
+      s[0] += gk * gk;
+    }
+  }
+  block_sum<1>(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+}
+
+// g/|g| of one value as the torch bodies compute it: the double quotient rounded to float (here
+// g * (1/|g|) in double, the same bar a double rounding at 2^-29 odds; g without NaN; inv = 0 where
+// |g| = 0). Its float rounding is part of the op: with a step far larger than the result, one ulp of
+// it moves the result by step ulps.
+__device__ __forceinline__ float unit_step(float g, double inv) {
+  return static_cast<float>(static_cast<double>(isnan(g) ? 0.f : g) * inv);
+}
+__device__ __forceinline__ double inverse_norm(double gg) { return gg > 0.0 ? 1.0 / sqrt(gg) : 0.0; }
 
 }  // namespace cuda
 }  // namespace pyadvk

@@ -1,10 +1,10 @@
 // CUDA bodies of the fused PGD ops.
 //
 // Each block owns one tile of kTile values that never crosses a sample boundary, so per-sample
-// eps/alpha are read once per block. linf is one kernel (3 reads + 1 write per value). l2 is two:
-// a reduction that writes per-tile partial sums (|g|^2, |x_adv - x_orig|^2, <x_adv - x_orig, g>),
-// then an elementwise kernel whose blocks first combine their sample's partials; |d| follows from
-// the three sums, so no second reduction over d is needed (6 reads + 1 write per value). Loads
+// eps/alpha are read once per block. linf is one kernel (3 reads + 1 write per value). l2 is three,
+// the later ones combining the earlier ones' per-tile partial sums per sample: |g|^2; |d|^2 of the
+// float d that the write computes (as the torch body: an expansion of |d|^2 in first-pass sums
+// would cancel where the step is much larger than d); the write (7 reads + 1 write per value). Loads
 // and stores are 16-byte vectors when every pointer is aligned and D is a multiple of the width.
 // No atomics: results are deterministic. min/max/clamp propagate NaN as torch.minimum/maximum/clamp
 // do (common.cuh; fminf/fmaxf would drop it).
@@ -46,11 +46,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) l2_gg_kernel(const T* g, double* gg, int64_t D, int64_t per_sample) {
+  tile_square_norm<T, VEC>(g, gg, tile_info(D, per_sample));
+}
+
+// d = x_adv + alpha u - x_orig in float, u = g/|g| as unit_step (common.cuh), as the torch body.
+__device__ __forceinline__ float l2_direction(float xa, float xo, float g, float a, double inv) {
+  return (xa + a * unit_step(g, inv)) - xo;
+}
+
+// This block's tile sum of |d|^2 (double) from the float d that the write computes.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_reduce_kernel(const T* xa, const T* xo, const T* g, double* partial, int64_t D, int64_t per_sample) {
-  // Sums in double: float squares of gradients beyond ~1e19 overflow and below ~1e-19 underflow.
+    l2_dd_kernel(const T* xa, const T* xo, const T* g, const double* gg, double* dd, int64_t D, int64_t per_sample,
+                 const float* alpha_t, float alpha) {
   const TileInfo t = tile_info(D, per_sample);
-  double s[3] = {0.0, 0.0, 0.0};  // gg, pp, pg
+  const double inv = inverse_norm(sample_total(gg, t.b, per_sample));
+  const float a = alpha_t ? alpha_t[t.b] : alpha;
+  double s[1] = {0.0};
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC];
     load_pack<VEC>(xa + t.base + i, va);
@@ -58,57 +71,32 @@ __global__ void __launch_bounds__(kThreads)
     load_pack<VEC>(g + t.base + i, vg);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const double gk = isnan(vg[k]) ? 0.0 : static_cast<double>(vg[k]);
-      const double p = static_cast<double>(va[k] - vo[k]);
-      s[0] += gk * gk;
-      s[1] += p * p;
-      s[2] += p * gk;
+      const double d = l2_direction(va[k], vo[k], vg[k], a, inv);
+      s[0] += d * d;
     }
   }
-  block_sum<3>(s);
-  if (threadIdx.x == 0) {
-    double* dst = partial + 3 * static_cast<int64_t>(blockIdx.x);
-    dst[0] = s[0];
-    dst[1] = s[1];
-    dst[2] = s[2];
-  }
+  block_sum<1>(s);
+  if (threadIdx.x == 0) dd[blockIdx.x] = s[0];
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    l2_apply_kernel(const T* xa, const T* xo, const T* g, T* out, const double* partial, int64_t D,
-                    int64_t per_sample, const float* eps_t, float eps, const float* alpha_t, float alpha,
-                    float lo, float hi) {
+    l2_apply_kernel(const T* xa, const T* xo, const T* g, T* out, const double* gg, const double* dd, int64_t D,
+                    int64_t per_sample, const float* eps_t, float eps, const float* alpha_t, float alpha, float lo,
+                    float hi) {
   const TileInfo t = tile_info(D, per_sample);
-  double sums[3] = {0.0, 0.0, 0.0};  // gg, pp, pg
-  for (int64_t c = threadIdx.x; c < per_sample; c += kThreads) {
-    const double* src = partial + 3 * (t.b * per_sample + c);
-    sums[0] += src[0];
-    sums[1] += src[1];
-    sums[2] += src[2];
-  }
-  block_sum<3>(sums);
-  const double gg = sums[0], pp = sums[1], pg = sums[2];
+  const double inv = inverse_norm(sample_total(gg, t.b, per_sample));
+  const double dn = sqrt(sample_total(dd, t.b, per_sample));
   const float e = eps_t ? eps_t[t.b] : eps;
-  const float gn = static_cast<float>(sqrt(gg));
-  const float a = gn > 0.f ? (alpha_t ? alpha_t[t.b] : alpha) : 0.f;
-  const float gdiv = gn > 0.f ? gn : 1.f;
-  // |d|^2 = pp + 2 s pg + s^2 gg with s = alpha / |g| (see the file comment).
-  const double s = static_cast<double>(a) / gdiv;
-  const double dd = expanded_square_norm(pp, pg, gg, s);
-  const double dn = sqrt(dd > 0.0 ? dd : 0.0);  // NaN: 0, so f = 1 (no projection)
-  const float f = dn > e ? static_cast<float>(e / dn) : 1.f;
+  const float f = dn > e ? static_cast<float>(e / dn) : 1.f;  // NaN: 1 (no projection)
+  const float a = alpha_t ? alpha_t[t.b] : alpha;
   for (int64_t i = threadIdx.x * VEC; i < t.n; i += kThreads * VEC) {
     float va[VEC], vo[VEC], vg[VEC], y[VEC];
     load_pack<VEC>(xa + t.base + i, va);
     load_pack<VEC>(xo + t.base + i, vo);
     load_pack<VEC>(g + t.base + i, vg);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float gk = isnan(vg[k]) ? 0.f : vg[k];
-      const float d = (va[k] + a * (gk / gdiv)) - vo[k];
-      y[k] = clamp_nan(vo[k] + d * f, lo, hi);
-    }
+    for (int k = 0; k < VEC; ++k) y[k] = clamp_nan(vo[k] + l2_direction(va[k], vo[k], vg[k], a, inv) * f, lo, hi);
     store_pack<VEC>(out + t.base + i, y);
   }
 }
@@ -152,9 +140,10 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
   const float *et = optional_data(eps_t), *at_ = optional_data(alpha_t);
   const float e = static_cast<float>(eps), a = static_cast<float>(alpha);
   const float lo = static_cast<float>(lower), hi = static_cast<float>(upper);
-  at::Tensor partial;
+  at::Tensor gg, dd;
   if (norm == Norm::L2) {
-    partial = at::empty({static_cast<int64_t>(L.grid.x) * 3}, x_adv.options().dtype(at::kDouble));
+    gg = at::empty({static_cast<int64_t>(L.grid.x)}, x_adv.options().dtype(at::kDouble));
+    dd = at::empty({static_cast<int64_t>(L.grid.x)}, x_adv.options().dtype(at::kDouble));
   }
   dispatch_float(x_adv.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -167,11 +156,13 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
                                                                     at_, a, lo, hi);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        double* part = partial.data_ptr<double>();
-        l2_reduce_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, part, L.D, L.per_sample);
+        double *pgg = gg.data_ptr<double>(), *pdd = dd.data_ptr<double>();
+        l2_gg_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pg, pgg, L.D, L.per_sample);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        l2_apply_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, py, part, L.D, L.per_sample,
-                                                                   et, e, at_, a, lo, hi);
+        l2_dd_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, pgg, pdd, L.D, L.per_sample, at_, a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        l2_apply_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, py, pgg, pdd, L.D, L.per_sample, et,
+                                                                   e, at_, a, lo, hi);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -38,8 +38,9 @@ sample's finite values return to x_orig, the infinite ones become NaN), as
 beyond 3.4e38 are refused; per-sample tensors are checked unless ``check_values=False``).
 
 ``apgd_step_reference`` is the torch body: it defines the op, and every other body (cpp, cuda,
-triton) is tested against it. The step needs three passes over the data for l2 (the norm of g, then
-the norm of the momentum point, then the write) and one for linf.
+triton) is tested against it. The step needs four passes over the data for l2 (the norm of g, the
+norm of z's offset, the norm of the momentum point's offset, the write; each norm is summed from
+the float offset itself, whose rounding is part of the op) and one for linf.
 """
 
 from __future__ import annotations
