@@ -22,6 +22,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def group_is_up() -> bool:
+    """Whether a default process group exists (of any size, one included)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
@@ -52,6 +57,14 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     return is_distributed()
+
+
+def shutdown() -> None:
+    """Destroys the default process group, if one is up. A process that started it with
+    :func:`init_from_env` calls this before exiting: a gloo group left alive at interpreter exit
+    can abort the process ("terminate called without an active exception") after its work is done."""
+    if group_is_up():
+        dist.destroy_process_group()
 
 
 def local_device() -> torch.device:

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs ``pyadvk ARGV`` (default ``sys.argv[1:]``) and returns the exit code: 0, 2 for a user
     error (one line on stderr), 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    started_here = not distributed.group_is_up()
     try:
         distributed.init_from_env()
         return int(args.run(args) or 0)
@@ -48,3 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pyadvk {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if started_here:  # a group this call started ends with it (not one its caller set up)
+            distributed.shutdown()
