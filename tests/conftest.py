@@ -8,7 +8,9 @@ Hypothesis settings are profiles, chosen with ``HYPOTHESIS_PROFILE`` (test files
 examples per property: ``make test-fast``), ``gpu`` (for the GPU tests of a GPU session, where
 examples are cheap) and ``thorough`` (a nightly or pre-release run). Every profile has no deadline
 (the machine is shared and Triton's interpreter is slow) and prints the reproduction blob of a
-failure."""
+failure. ``ci`` draws the same examples on every run (derandomized: a red CI is a change's doing,
+and reruns the same way); the others draw fresh ones, and what they find becomes a fixed regression
+test (as tests/test_l2_cancellation.py)."""
 
 import os
 
@@ -33,6 +35,7 @@ for _name, _examples in HYPOTHESIS_PROFILES.items():
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         print_blob=True,
+        derandomize=_name == "ci",
     )
 _profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if _profile not in HYPOTHESIS_PROFILES:

@@ -10,6 +10,7 @@ Per-sample eps/alpha/eta tensors and scalars are drawn from what the public func
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -46,12 +47,22 @@ def _per_sample_or_scalar(draw, values, batch):
     return torch.tensor(draw(st.lists(values, min_size=batch, max_size=batch)), dtype=torch.float32)
 
 
+# Triton's interpreter (the Triton body on CPU) converts float32 subnormals to bfloat16 wrongly: it
+# stores -1.8e-42 as -2.9e-39 where a real conversion (torch's, and a GPU's) rounds to -0.0. Values
+# below bfloat16's smallest normal in both the output and the reference are taken as equal there,
+# and only there.
+INTERPRETED_TRITON = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+
+
 def assert_same(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """``out`` equals ``ref`` where ``ref`` is NaN, infinite or equal (negative zero equals zero),
     and is within the project's tolerance elsewhere (float32: 1e-6 absolute, and 1e-6 relative
     for values above 1 (the unbounded box); 16-bit: one unit in the last place)."""
     o, r = out.float(), ref.float()
     same = (o == r) | (o.isnan() & r.isnan())
+    if INTERPRETED_TRITON and what.startswith("triton") and ref.dtype == torch.bfloat16:
+        tiny = torch.finfo(torch.bfloat16).tiny  # the interpreter's subnormal conversion
+        same |= (r.abs() < tiny) & (o.abs() < tiny)
     o_rest, r_rest = torch.where(same, 0.0, o), torch.where(same, 0.0, r)
     if ref.dtype == torch.float32:  # values above 1 (the unbounded box) compare relatively
         scale = torch.maximum(o_rest.abs(), r_rest.abs()).clamp_min(1.0)
