@@ -136,6 +136,18 @@ def test_model_mode_and_parameter_grads_untouched(one_thread):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_fast_modes_reach_every_gradient_component():
+    """autocast and channels_last reach the APGD and FAB components (backend and cuda_graph the
+    APGD ones, whose fused step they choose)."""
+    attack = AutoAttack(
+        small_model().eval(), norm="linf", eps=0.1, version="standard", autocast=torch.bfloat16, channels_last=True
+    )
+    gradient_components = [(name, c) for name, c in attack.components if name != "square"]
+    assert {name for name, _ in gradient_components} == {"apgd-ce", "apgd-t", "fab-t"}
+    for name, component in gradient_components:
+        assert component.autocast == torch.bfloat16 and component.channels_last, name
+
+
 def test_report_fields_and_text():
     model = small_model().eval()
     images = torch.rand(4, 1, 8, 8)

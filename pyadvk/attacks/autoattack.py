@@ -113,7 +113,8 @@ class AutoAttack(Attack):
         seed: the seed of every component.
         lower, upper: the valid input range.
         backend, autocast, channels_last, cuda_graph: passed to the APGD components (the fused
-            step's body and the fast modes of :class:`pyadvk.attacks.PGD`).
+            step's body and the fast modes of :class:`pyadvk.attacks.PGD`); autocast and
+            channels_last to the FAB components too (Square reads no gradient and runs as given).
         attacks: component names to run instead of the version's list, in this order, each with
             the version's settings; one of ``COMPONENTS``.
         progress: show a tqdm progress bar over the components.
@@ -246,6 +247,8 @@ class AutoAttack(Attack):
                 seed=self.seed,
                 lower=self.lower,
                 upper=self.upper,
+                autocast=self.autocast,
+                channels_last=self.channels_last,
             )
         return Square(
             self.model,
