@@ -52,6 +52,7 @@ gives measured numbers for a CIFAR ResNet-18; README.md a worked example.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,9 @@ def output_spatial(conv: nn.Module, spatial) -> list[int]:
     return out
 
 
-def check_input_shape(conv: nn.Module, input_shape, *, name: str = "input_shape", layer: str = "") -> tuple:
+def check_input_shape(
+    conv: nn.Module, input_shape: Sequence[int], *, name: str = "input_shape", layer: str = ""
+) -> tuple[int, ...]:
     """``input_shape`` must be ``(C_in, *spatial)`` for this convolution, large enough for it."""
     d = conv_dims(conv)
     what = f"{layer + ' ' if layer else ''}({conv})"
@@ -216,7 +219,9 @@ class ConvNormState:
     sigma: torch.Tensor | None = None
 
     @classmethod
-    def random(cls, input_shape, *, device=None, generator: torch.Generator | None = None) -> ConvNormState:
+    def random(
+        cls, input_shape: Sequence[int], *, device=None, generator: torch.Generator | None = None
+    ) -> ConvNormState:
         """A random unit ``v``, drawn on the generator's device (CPU without one) and moved to
         ``device``: the same seed gives the same start on every device."""
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -243,7 +248,7 @@ def power_step(conv: nn.Module, weight: torch.Tensor, v: torch.Tensor, n_iters: 
 
 def conv_operator_norm(
     conv: nn.Module,
-    input_shape,
+    input_shape: Sequence[int],
     n_iters: int = 50,
     state: ConvNormState | None = None,
     *,
@@ -391,7 +396,7 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.
 
 def conv_norm_bound(
     conv: nn.Module,
-    input_shape,
+    input_shape: Sequence[int],
     n_iters: int = 6,
     *,
     weight: torch.Tensor | None = None,
@@ -417,7 +422,7 @@ def conv_norm_bound(
     return (factor * gram_bound(spec, n_iters).max()).float()
 
 
-def circular_norm_exact(conv: nn.Module, input_shape) -> torch.Tensor:
+def circular_norm_exact(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     """``max_ω σ_max(K̂(ω))`` by per-frequency SVD (Sedghi et al. 2019): the exact norm of the
     circular convolution of the kernel on the grid of :func:`circulant_plan` (the layer's norm
     itself for circular padding with output size = input size and stride 1). float64."""

@@ -43,6 +43,7 @@ import contextlib
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
-def input_shapes(model: nn.Module, input_shape) -> dict[nn.Module, tuple[int, ...]]:
+def input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[nn.Module, tuple[int, ...]]:
     """The input shape (no batch dim) each submodule sees when ``model`` runs on a zero batch of
     shape ``(1, *input_shape)`` (in eval mode: BatchNorm statistics are left untouched)."""
     shape = _check_shape(input_shape)
@@ -109,7 +110,7 @@ def input_shapes(model: nn.Module, input_shape) -> dict[nn.Module, tuple[int, ..
     return seen
 
 
-def _check_shape(input_shape) -> tuple[int, ...]:
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(input_shape)
         ok = len(shape) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
@@ -166,7 +167,7 @@ def _matrix_norms(items: list[tuple[str, torch.Tensor]], state: SpectralNormStat
 
 def spectral_norms(
     model: nn.Module,
-    input_shape=None,
+    input_shape: Sequence[int] | None = None,
     method: str = "power",
     n_iters: int | None = None,
     *,
@@ -389,7 +390,7 @@ def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
 
 def lipschitz_bound(
     model: nn.Module,
-    input_shape,
+    input_shape: Sequence[int],
     method: str = "gram",
     n_iters: int | None = None,
     *,
