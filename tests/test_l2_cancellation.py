@@ -1,8 +1,8 @@
 """The l2 steps where |x + step g/|g| - x_orig| cancels: every body's projection factor follows the
 float d that the torch body computes (the bodies once expanded |d|^2 = pp + 2 s pg + s^2 gg from
-first-pass sums, which cancels there, and misses d's float rounding). The two small cases are ones the fuzz test found (tests/test_fuzz_bodies.py);
-the large ones cancel over many values, in both cpp schedules (sample at a time, and in phases over
-tiles) and over several Triton tiles."""
+first-pass sums, which cancels there, and misses d's float rounding). The two small cases are ones
+the fuzz test found (tests/test_fuzz_bodies.py); the large ones cancel over many values, in both
+cpp schedules (sample at a time, and in phases over tiles) and over several Triton tiles."""
 
 from __future__ import annotations
 
