@@ -9,7 +9,8 @@ from pyadvk.stats.consistency import (
     representation_consistency,
 )
 from pyadvk.stats.influence import InfluenceResult, influential_neurons
-from pyadvk.stats.neuron_stats import NeuronStats, plot_top_patches, receptive_field_box, select_channels
+from pyadvk.stats.neuron_stats import NeuronStats
+from pyadvk.stats.pictures import plot_top_patches, receptive_field_box, select_channels
 
 __all__ = [
     "ConsistencyResult",
