@@ -26,7 +26,7 @@ from pyadvk.ops import power_iteration
 from pyadvk.ops.power_iteration import POWER_ITERATION
 from tests.conftest import available
 from tests.test_channel_stats import EXACT_FIELDS
-from tests.test_fuzz_bodies import FUZZ, _tensor
+from tests.test_fuzz_bodies import FUZZ, INTERPRETED_TRITON, _tensor
 
 PI_BACKENDS = [b for b in available(POWER_ITERATION, "cpu") if b != "torch"]
 CS_BACKENDS = [b for b in available(cs.UPDATE, "cpu") if b != "torch"]
@@ -148,16 +148,18 @@ CS_SHAPES = st.sampled_from([(1, 1), (3, 2), (2, 3, 2, 2), (1, 2, 1, 3), (3, 1, 
 RANGES = st.sampled_from([(0.0, 1.0), (-1.5, 2.0), (-1e30, 1e30), (1e-30, 2e-30), (-3.0e38, 3.0e38)])
 
 
-# KNOWN DISAGREEMENT (found by this file, reported; not fixed here: kernels/channel_stats.py is
-# not this file's to change): the Triton body sums the squared deviations of a block in float32,
-# so a channel whose values spread by more than ~1.8e19 (a squared deviation beyond float32's
-# 3.4e38) gets m2 = +inf where the torch and cpp bodies give the finite float64 value (values
-# [1e30, 0.0]: m2 5.0e59 on torch and cpp, inf on triton). test_triton_m2_of_huge_spread_is_finite
-# below pins that example (strict xfail); until it is fixed, the property accepts exactly this
-# from the Triton body: m2 = +inf where the reference's m2 is finite and >= FLOAT32_MAX / 4 (a
-# float32 squared deviation from a value of the block, at most 4 m2, overflowed). Nothing else is
-# excluded. Remove the allowance together with the xfail mark.
-TRITON_M2_OVERFLOW = FLOAT32_MAX / 4
+# KNOWN DISAGREEMENTS (found by this file, reported; not fixed here: kernels/channel_stats.py is
+# not this file's to change): the Triton body sums the squared deviations of a block from its
+# shift in float32, so a squared deviation beyond float32's 3.4e38 (|deviation| > ~1.8e19) makes
+# m2 = +inf where the torch and cpp bodies give the finite float64 value: (1) values [1e30, 0.0]:
+# m2 5.0e59 on torch and cpp, inf on triton; (2) values [NaN, 1e30] (the block's first value NaN,
+# the shift then apparently 0): m2 0 on torch and cpp, inf on triton (also [NaN, 1e30, 1e30] and
+# [NaN, 1e20]; [NaN, 1e19] gives 0). The two strict xfail tests at the end pin them; until they
+# are fixed, the property accepts exactly this from the Triton body: m2 = +inf where the reference
+# m2 is finite and the channel holds a finite |value| >= 2^63 (~9.2e18: a deviation of a value
+# from a shift within the channel's values or 0 is then at most 2 |value|, whose square can pass
+# float32's range). Nothing else is excluded. Remove the allowance with the xfail marks.
+TRITON_M2_OVERFLOW = 2.0**63
 
 
 # The mean of values that cancel is exact only to the rounding of the channel's largest value:
@@ -189,7 +191,7 @@ def assert_states_agree(got: cs.ChannelStats, want: cs.ChannelStats, scale: torc
         assert a.dtype == b.dtype == torch.float64, (what, f, a.dtype)
         same = (a == b) | (a.isnan() & b.isnan())
         if f == "m2" and what.startswith("triton"):  # the known overflow above, and only it
-            same |= (a == math.inf) & b.isfinite() & (b >= TRITON_M2_OVERFLOW)
+            same |= (a == math.inf) & b.isfinite() & (scale >= TRITON_M2_OVERFLOW)
         tol = 1e-5 * (b.abs() + 1) + (MEAN_ROUNDING * scale if f == "mean" else 0.0)
         near = torch.isfinite(a) & torch.isfinite(b) & ((a - b).abs() <= tol)
         assert bool((same | near).all()), f"{what}: {f} differs\n got {a}\nwant {b}"
@@ -216,6 +218,18 @@ def stats_inputs(draw):
     return shape[1], batches, config, draw(st.integers(0, 5))
 
 
+def flush_bf16_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its bfloat16 subnormals replaced by (signed) zeros; other dtypes unchanged.
+
+    NARROWED for the Triton body under the interpreter only: the interpreter reads bfloat16
+    subnormals wrongly (a deep run here: the input 1.0102e-39 became a maximum of 4.4081e-39, the
+    torch body's 1.0102e-39; tests/test_fuzz_bodies.py notes the same defect in the other
+    direction). A GPU converts them exactly, so there the Triton body sees them unchanged."""
+    if x.dtype != torch.bfloat16:
+        return x
+    return torch.where(x.abs() < torch.finfo(torch.bfloat16).tiny, x * 0, x)
+
+
 def _run_stats(channels, batches, config, offset, backend):
     state = cs.ChannelStats.create(channels, **config)
     for x in batches:
@@ -230,6 +244,8 @@ def _run_stats(channels, batches, config, offset, backend):
 @example(case=CANCELLING)
 def test_channel_stats_bodies_agree(backend, case):
     channels, batches, config, offset = case
+    if backend == "triton" and INTERPRETED_TRITON:
+        batches = [flush_bf16_subnormals(x) for x in batches]
     what = f"{backend} channel_stats_update {config} batches {[(tuple(x.shape), x.dtype) for x in batches]}"
     both = run_both(lambda body: _run_stats(channels, batches, config, offset, body), backend, what)
     if both is not None:
@@ -248,3 +264,17 @@ def test_triton_m2_of_huge_spread_is_finite():
     got = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "triton")
     assert float(want.m2[0]) == pytest.approx(5.000000150474663e59, rel=1e-12)
     assert float(got.m2[0]) == pytest.approx(float(want.m2[0]), rel=1e-5), (got.m2, want.m2)
+
+
+@pytest.mark.skipif("triton" not in CS_BACKENDS, reason="Triton is not available")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the Triton body of channel_stats_update: values [NaN, 1e30] in one channel (first value "
+    "NaN) give m2 = inf, the torch and cpp bodies 0 (one value)",
+)
+def test_triton_m2_after_leading_nan_is_finite():
+    x = torch.tensor([[math.nan], [1e30]])
+    want = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "torch")
+    got = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "triton")
+    assert float(want.m2[0]) == 0.0 and int(want.count[0]) == 1
+    assert float(got.m2[0]) == 0.0, (got.m2, want.m2)
