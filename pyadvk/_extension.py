@@ -38,7 +38,7 @@ def _jit_build() -> ModuleType:
     if not sources:
         raise ImportError(f"PYADVK_JIT=1 but no C++ sources were found under {_CSRC}")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no FMA contraction: setup.py says why
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]  # setup.py says why
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
         cflags.append("-DPYADVK_WITH_CUDA")
