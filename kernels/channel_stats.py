@@ -1,9 +1,10 @@
 """Triton body of channel_stats_update_ (pyadvk/ops/channel_stats.py defines it).
 
-Programs write per (channel, sample-group) partials: NaN count, non-NaN count, float32 sums of
-``v - shift`` and ``(v - shift)^2`` (the shift is the channel's running mean, or the mean of the
-batch's first sample for a new channel, so a large common offset cancels), min, max, and a
-histogram row. Two kernels read along the contiguous dimension, with no division per value:
+Programs write per (channel, sample-group) partials: NaN count, non-NaN count, float64 sums of
+``v - shift`` and ``(v - shift)^2`` (float32 squares overflow once values spread past ~1.8e19;
+the shift is the channel's running mean, or the mean of the batch's first sample for a new
+channel, so a large common offset cancels), min, max, and a histogram row. Two kernels read along
+the contiguous dimension, with no division per value:
 
 * ``_runs_kernel`` (contiguous (N, C, *spatial)): program (c, g) reads its samples' runs of S
   positions of channel c as tiles of [samples, positions];
@@ -83,8 +84,8 @@ def _runs_kernel(
     shift = tl.load(shift_ptr + c)
     n0 = g * samples_per_program
     n1 = tl.minimum(n0 + samples_per_program, N)
-    s1 = tl.zeros([NB, SB], tl.float32)
-    s2 = tl.zeros([NB, SB], tl.float32)
+    s1 = tl.zeros([NB, SB], tl.float64)
+    s2 = tl.zeros([NB, SB], tl.float64)
     cnt = tl.zeros([NB, SB], tl.int32)
     nan = tl.zeros([NB, SB], tl.int32)
     mn = tl.full([NB, SB], float("inf"), tl.float32)
@@ -101,7 +102,7 @@ def _runs_kernel(
             v = tl.load(base + ns[:, None] * stride_n + ps[None, :], mask=inb, other=0.0).to(tl.float32)
             isnan = v != v
             ok = inb & (~isnan)
-            d = tl.where(ok, v - shift, 0.0)
+            d = tl.where(ok, v - shift, 0.0).to(tl.float64)  # squares of spreads past 1.8e19 overflow float32
             s1 += d
             s2 += d * d
             cnt += ok.to(tl.int32)
@@ -159,8 +160,8 @@ def _rows_kernel(
     shift = tl.load(shift_ptr + cs, mask=cin, other=0.0)
     r0 = g * rows_per_program
     r1 = tl.minimum(r0 + rows_per_program, R)
-    s1 = tl.zeros([RB, CB], tl.float32)
-    s2 = tl.zeros([RB, CB], tl.float32)
+    s1 = tl.zeros([RB, CB], tl.float64)
+    s2 = tl.zeros([RB, CB], tl.float64)
     cnt = tl.zeros([RB, CB], tl.int32)
     nan = tl.zeros([RB, CB], tl.int32)
     mn = tl.full([RB, CB], float("inf"), tl.float32)
@@ -176,7 +177,7 @@ def _rows_kernel(
         v = tl.load(x_ptr + rs[:, None] * C + cs[None, :], mask=inb, other=0.0).to(tl.float32)
         isnan = v != v
         ok = inb & (~isnan)
-        d = tl.where(ok, v - shift[None, :], 0.0)
+        d = tl.where(ok, v - shift[None, :], 0.0).to(tl.float64)  # squares past 1.8e19 overflow float32
         s1 += d
         s2 += d * d
         cnt += ok.to(tl.int32)
@@ -213,8 +214,8 @@ def _launch_partials(x: torch.Tensor, shift: torch.Tensor, lo: float, hi: float,
     dev = x.device
     cnt = torch.empty(C * G, dtype=torch.int32, device=dev)
     nan = torch.empty(C * G, dtype=torch.int32, device=dev)
-    s1 = torch.empty(C * G, dtype=torch.float32, device=dev)
-    s2 = torch.empty(C * G, dtype=torch.float32, device=dev)
+    s1 = torch.empty(C * G, dtype=torch.float64, device=dev)
+    s2 = torch.empty(C * G, dtype=torch.float64, device=dev)
     pmin = torch.empty(C * G, dtype=torch.float32, device=dev)
     pmax = torch.empty(C * G, dtype=torch.float32, device=dev)
     phist = torch.zeros(C * G, H, dtype=torch.int32, device=dev)

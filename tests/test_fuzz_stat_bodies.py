@@ -148,20 +148,6 @@ CS_SHAPES = st.sampled_from([(1, 1), (3, 2), (2, 3, 2, 2), (1, 2, 1, 3), (3, 1, 
 RANGES = st.sampled_from([(0.0, 1.0), (-1.5, 2.0), (-1e30, 1e30), (1e-30, 2e-30), (-3.0e38, 3.0e38)])
 
 
-# KNOWN DISAGREEMENTS (found by this file, reported; not fixed here: kernels/channel_stats.py is
-# not this file's to change): the Triton body sums the squared deviations of a block from its
-# shift in float32, so a squared deviation beyond float32's 3.4e38 (|deviation| > ~1.8e19) makes
-# m2 = +inf where the torch and cpp bodies give the finite float64 value: (1) values [1e30, 0.0]:
-# m2 5.0e59 on torch and cpp, inf on triton; (2) values [NaN, 1e30] (the block's first value NaN,
-# the shift then apparently 0): m2 0 on torch and cpp, inf on triton (also [NaN, 1e30, 1e30] and
-# [NaN, 1e20]; [NaN, 1e19] gives 0). The two strict xfail tests at the end pin them; until they
-# are fixed, the property accepts exactly this from the Triton body: m2 = +inf where the reference
-# m2 is finite and the channel holds a finite |value| >= 2^63 (~9.2e18: a deviation of a value
-# from a shift within the channel's values or 0 is then at most 2 |value|, whose square can pass
-# float32's range). Nothing else is excluded. Remove the allowance with the xfail marks.
-TRITON_M2_OVERFLOW = 2.0**63
-
-
 # The mean of values that cancel is exact only to the rounding of the channel's largest value:
 # (1, 1e30, -1e30, 0) as one 2x2 sample (CANCELLING) has mean 0.25; the torch body's float64 sum
 # gives 0, the cpp body's sum of deviations from a value of the block (1) gives 0.75 (as 4 samples
@@ -181,7 +167,7 @@ def largest_magnitudes(batches: list[torch.Tensor]) -> torch.Tensor:
 def assert_states_agree(got: cs.ChannelStats, want: cs.ChannelStats, scale: torch.Tensor, what: str) -> None:
     """The exact fields of tests/test_channel_stats.py bit for bit; mean and m2 NaN and inf where
     the torch body has them and within 1e-5 of their scale elsewhere (the tolerance of that file's
-    non-finite test: the Triton body sums float32 blocks), the mean also within MEAN_ROUNDING of
+    non-finite test), the mean also within MEAN_ROUNDING of
     ``scale`` (the largest finite |value| per channel)."""
     for f in EXACT_FIELDS + ("hist_moved",):
         a, b = getattr(got, f), getattr(want, f)
@@ -190,8 +176,6 @@ def assert_states_agree(got: cs.ChannelStats, want: cs.ChannelStats, scale: torc
         a, b = getattr(got, f), getattr(want, f)
         assert a.dtype == b.dtype == torch.float64, (what, f, a.dtype)
         same = (a == b) | (a.isnan() & b.isnan())
-        if f == "m2" and what.startswith("triton"):  # the known overflow above, and only it
-            same |= (a == math.inf) & b.isfinite() & (scale >= TRITON_M2_OVERFLOW)
         tol = 1e-5 * (b.abs() + 1) + (MEAN_ROUNDING * scale if f == "mean" else 0.0)
         near = torch.isfinite(a) & torch.isfinite(b) & ((a - b).abs() <= tol)
         assert bool((same | near).all()), f"{what}: {f} differs\n got {a}\nwant {b}"
@@ -253,12 +237,9 @@ def test_channel_stats_bodies_agree(backend, case):
 
 
 @pytest.mark.skipif("triton" not in CS_BACKENDS, reason="Triton is not available")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Triton body of channel_stats_update sums squared deviations in float32: values "
-    "[1e30, 0.0] in one channel give m2 = inf, the torch and cpp bodies 5.000000150474663e59",
-)
 def test_triton_m2_of_huge_spread_is_finite():
+    """Found by this file: the Triton body summed squared deviations in float32, so [1e30, 0.0]
+    gave m2 = inf (torch and cpp: 5.000000150474663e59); its sums are float64 now."""
     x = torch.tensor([[1e30], [0.0]])
     want = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "torch")
     got = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "triton")
@@ -267,12 +248,9 @@ def test_triton_m2_of_huge_spread_is_finite():
 
 
 @pytest.mark.skipif("triton" not in CS_BACKENDS, reason="Triton is not available")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Triton body of channel_stats_update: values [NaN, 1e30] in one channel (first value "
-    "NaN) give m2 = inf, the torch and cpp bodies 0 (one value)",
-)
 def test_triton_m2_after_leading_nan_is_finite():
+    """Found by this file: [NaN, 1e30] (the first value NaN, so the shift is 0) gave m2 = inf on
+    the Triton body (torch and cpp: 0, one value), the same float32 overflow."""
     x = torch.tensor([[math.nan], [1e30]])
     want = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "torch")
     got = _run_stats(1, [x], dict(topk=1, bins=1, quantile_capacity=0), 0, "triton")
