@@ -4,9 +4,10 @@ skipped without a CUDA device; tests over ~10 s on the 2-core CPU are marked ``s
 (``make test-fast`` leaves both out).
 
 Hypothesis settings are profiles, chosen with ``HYPOTHESIS_PROFILE`` (test files set no
-``max_examples`` of their own): ``ci`` (the default, what ``make test`` runs), ``dev`` (a few
-examples per property: ``make test-fast``), ``gpu`` (for the GPU tests of a GPU session, where
-examples are cheap) and ``thorough`` (a nightly or pre-release run). Every profile has no deadline
+``max_examples`` of their own, except the two fuzz files' 20): ``ci`` (the default, what
+``make test`` runs), ``dev`` (a few examples per property: ``make test-fast``), ``gpu`` (for the
+GPU tests of a GPU session, where examples are cheap) and ``thorough`` (a nightly or pre-release
+run). Every profile has no deadline
 (the machine is shared and Triton's interpreter is slow) and prints the reproduction blob of a
 failure. ``ci`` draws the same examples on every run (derandomized: a red CI is a change's doing,
 and reruns the same way); the others draw fresh ones, and what they find becomes a fixed regression
