@@ -6,11 +6,11 @@
   ``σ = vdot(u, mv(W, v))``);
 * ``true-power``: true convolution operator norms on the layers' CIFAR input sizes, 1
   warm-started iteration (``spectral_norms(method="power", n_iters=1)``), next to one
-  forward+backward of the network at batch 128;
+  forward+backward of the network at batch 128 (16 with ``--quick``);
 * ``gram``: the certified Gram bound (6 steps) for every layer, with the ratio bound / true norm
   per layer (true norm: 200 power iterations) in ``extra_info``;
 * ``penalty``: ``LipschitzPenalty`` forward+backward (1 iteration; reshaped and power) next to a
-  training step (forward, backward, SGD step) at batch 128.
+  training step (forward, backward, SGD step) at batch 128 (16 with ``--quick``).
 
 Run: ``pyadvk bench --ops power_iteration`` (or ``pytest benchmarks/bench_power_iteration.py
 --benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). The Gram bound
@@ -33,7 +33,7 @@ from pyadvk.ops import power_iteration as power_iteration_op
 from pyadvk.ops.power_iteration import POWER_ITERATION
 
 INPUT = (3, 32, 32)
-BATCH = 128
+BATCH = 16 if QUICK else 128  # a batch-128 ResNet-18 step takes ~4 s on a 2-core CPU
 SIZES = {"cifar-resnet18": INPUT}
 SIZE = "cifar-resnet18"
 pytestmark = pytest.mark.skipif(SIZE not in sizes(SIZES), reason="size not selected")
@@ -64,7 +64,7 @@ def torch_loop(mats, us, vs):
 
 @functools.cache
 def forward_backward_seconds() -> float:
-    """Median seconds of one forward+backward of the network at batch 128 (the yardstick)."""
+    """Median seconds of one forward+backward of the network at BATCH (the yardstick)."""
     net = network().train()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
@@ -74,7 +74,7 @@ def forward_backward_seconds() -> float:
 
 def _vs_fwd_bwd(times) -> str:
     median = sorted(times)[len(times) // 2]
-    return f"{100 * median / forward_backward_seconds():.1f}% of a batch-128 forward+backward"
+    return f"{100 * median / forward_backward_seconds():.1f}% of a batch-{BATCH} forward+backward"
 
 
 @pytest.mark.parametrize("impl", impls(["loop", "torch", "cpp", "triton", "cuda"]))
@@ -118,7 +118,7 @@ def _fwd_bwd(net, x, y):
     F.cross_entropy(net(x), y).backward()
 
 
-def test_forward_backward_batch128(benchmark):
+def test_forward_backward(benchmark):
     net = network().train()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, *INPUT, generator=gen).to(DEVICE)
@@ -137,7 +137,7 @@ def test_forward_backward_batch128(benchmark):
     )
 
 
-def test_training_step_batch128(benchmark):
+def test_training_step(benchmark):
     net = network().train()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the weights stay as they are
     gen = torch.Generator().manual_seed(2)
