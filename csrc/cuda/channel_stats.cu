@@ -1,6 +1,6 @@
 // CUDA body of channel_stats_update_ (semantics: pyadvk/ops/channel_stats.py).
 //
-// Partials per (channel, sample group): non-NaN and NaN counts, float32 sums of v - shift and
+// Partials per (channel, sample group): non-NaN and NaN counts, float64 sums of v - shift and
 // (v - shift)^2 (shift: the channel's running mean, or the mean of the batch's first sample for a
 // new channel, so a large offset cancels), min, max, and a histogram row (shared-memory atomics
 // when the columns fit, else global atomics into the block's own row). Two kernels read along the
@@ -36,8 +36,11 @@ constexpr int kTileC = 32;  // rows_kernel: channels per block (threadIdx.x)
 constexpr int kTileR = 8;   // rows_kernel: rows read at once (threadIdx.y)
 constexpr int64_t kSharedTileCols = 8192;  // rows_kernel: shared histogram columns (kTileC channels)
 
+// s1, s2 in double: squares of deviations past ~1.8e19 overflow float (m2 = inf where the torch
+// body has its float64 value; found in the Triton body by tests/test_fuzz_stat_bodies.py).
 struct Partial {
-  float s1 = 0.f, s2 = 0.f, mn = INFINITY, mx = -INFINITY;
+  double s1 = 0.0, s2 = 0.0;
+  float mn = INFINITY, mx = -INFINITY;
   int cnt = 0, nan = 0;
 };
 
@@ -55,7 +58,7 @@ __device__ __forceinline__ int64_t fold(Partial& t, float v, float shift, float 
     ++t.nan;
     return -1;
   }
-  const float d = v - shift;
+  const double d = v - shift;  // the float deviation, squared in double
   t.s1 += d;
   t.s2 += d * d;
   ++t.cnt;
@@ -76,8 +79,8 @@ __device__ __forceinline__ void combine(Partial& a, const Partial& b) {
 struct PartialOut {
   int* cnt;
   int* nan;
-  float* s1;
-  float* s2;
+  double* s1;
+  double* s2;
   float* mn;
   float* mx;
   int* hist;  // tasks x (bins + 2)
@@ -228,10 +231,11 @@ void update_(at::Tensor& count, at::Tensor& nan_count, at::Tensor& mean, at::Ten
   auto i32 = x.options().dtype(at::kInt);
   auto f32 = x.options().dtype(at::kFloat);
   auto cnt = at::empty({C * G}, i32), nan = at::empty({C * G}, i32);
-  auto s1 = at::empty({C * G}, f32), s2 = at::empty({C * G}, f32);
+  auto f64 = x.options().dtype(at::kDouble);
+  auto s1 = at::empty({C * G}, f64), s2 = at::empty({C * G}, f64);
   auto pmin = at::empty({C * G}, f32), pmax = at::empty({C * G}, f32);
   auto phist = at::zeros({C * G, bins + 2}, i32);
-  PartialOut out{cnt.data_ptr<int>(),     nan.data_ptr<int>(),     s1.data_ptr<float>(), s2.data_ptr<float>(),
+  PartialOut out{cnt.data_ptr<int>(),     nan.data_ptr<int>(),     s1.data_ptr<double>(), s2.data_ptr<double>(),
                  pmin.data_ptr<float>(), pmax.data_ptr<float>(), phist.data_ptr<int>()};
   const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
   const float inv = static_cast<float>(static_cast<double>(bins) / (hi - lo));
