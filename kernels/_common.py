@@ -23,6 +23,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 # (BLOCK, num_warps) candidates for memory-bound elementwise kernels: 4-16 values per thread.
 ELEMENTWISE_CONFIGS = [
@@ -42,14 +43,17 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def unfused() -> dict:
+def unfused(t: torch.Tensor) -> dict:
     """The launch option that keeps every float32 multiply and add separately rounded, as the torch
     body's separate ops are: on a GPU Triton fuses ``a * b + c`` into one FMA by default, which moves
     a result by an ulp, and by far more where a step much larger than its result cancels (the cpp
-    and CUDA bodies are built without contraction too, setup.py).
-    Left out while torch.compile traces, which takes no such option for user kernels (a compiled
-    graph may fuse)."""
-    return {} if torch.compiler.is_compiling() else {"enable_fp_fusion": False}
+    and CUDA bodies are built without contraction too, setup.py). Given for launches on real
+    tensors only: left out while torch.compile traces, and for fake tensors (opcheck, export),
+    where the launch is analysed rather than run and the option is not a kernel argument (a
+    compiled graph may fuse)."""
+    if torch.compiler.is_compiling() or is_fake(t):
+        return {}
+    return {"enable_fp_fusion": False}
 
 
 def size_class(n: int) -> int:

@@ -238,20 +238,20 @@ def _launch(linf: bool, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentu
             D = x.numel() // B
             grid = lambda meta: (B * triton.cdiv(D, meta["BLOCK"]),)  # noqa: E731
             args = (x, x_prev, x_orig, grad, out, eta_ptr, eps_ptr, D, *scalars, size_class(x.numel()))
-            wrap_triton(_linf_kernel)[grid](*args, **flags, **unfused())
+            wrap_triton(_linf_kernel)[grid](*args, **flags, **unfused(x))
             return
         D, per_sample, block = plan(x)
         grid = (B * per_sample,)
         gg, dd1, dd2 = (torch.empty(grid[0], device=x.device, dtype=torch.float64) for _ in range(3))
         sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
-        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused())
+        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused(x))
         wrap_triton(_l2_d1_kernel)[grid](
-            x, x_orig, grad, gg, dd1, eta_ptr, D, per_sample, eta, HAS_ETA_T=eta_t is not None, **sizes, **unfused()
+            x, x_orig, grad, gg, dd1, eta_ptr, D, per_sample, eta, HAS_ETA_T=eta_t is not None, **sizes, **unfused(x)
         )
         points = (x, x_prev, x_orig, grad)
         args = (eta_ptr, eps_ptr, D, per_sample, *scalars)
-        wrap_triton(_l2_second_kernel)[grid](*points, gg, dd1, dd2, *args, **flags, **sizes, **unfused())
-        wrap_triton(_l2_write_kernel)[grid](*points, out, gg, dd1, dd2, *args, **flags, **sizes, **unfused())
+        wrap_triton(_l2_second_kernel)[grid](*points, gg, dd1, dd2, *args, **flags, **sizes, **unfused(x))
+        wrap_triton(_l2_write_kernel)[grid](*points, out, gg, dd1, dd2, *args, **flags, **sizes, **unfused(x))
 
 
 def _register(linf: bool, name: str, inplace_name: str) -> None:

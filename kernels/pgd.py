@@ -206,7 +206,7 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
                 upper,
                 size_class(x_adv.numel()),
                 **flags,
-                **unfused(),
+                **unfused(x_adv),
             )
             return
         D, per_sample, block = plan(x_adv)
@@ -214,7 +214,7 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
         gg = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
         dd = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
         sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
-        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused())
+        wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused(x_adv))
         wrap_triton(_l2_dd_kernel)[grid](
             x_adv,
             x_orig,
@@ -227,7 +227,7 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
             alpha,
             HAS_ALPHA_T=alpha_t is not None,
             **sizes,
-            **unfused(),
+            **unfused(x_adv),
         )
         wrap_triton(_l2_apply_kernel)[grid](
             x_adv,
@@ -246,7 +246,7 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
             upper,
             **flags,
             **sizes,
-            **unfused(),
+            **unfused(x_adv),
         )
 
 
@@ -316,6 +316,6 @@ def random_init_linf_triton(
             upper,
             size_class(x.numel()),
             HAS_EPS_T=eps_per_sample is not None,
-            **unfused(),
+            **unfused(x),
         )
     return out

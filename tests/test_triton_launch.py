@@ -106,3 +106,18 @@ def test_triton_autotuned_in_place_step_is_applied_once():
         inplace = x_adv.clone()
         pgd_step_(inplace, x_orig, grad, eps=0.5, alpha=0.01, backend="triton")
         assert_matches_reference(inplace, ref, what="triton pgd_step_ (autotuned)")
+
+
+@TRITON
+def test_unfused_launch_option_only_for_real_tensors():
+    """Launches on real tensors ask Triton for separately rounded multiplies and adds (as the torch
+    body); fake tensors (opcheck, export), whose launches are analysed rather than run, get no
+    option that is not a kernel argument."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyadvk.kernels._common import unfused
+
+    assert unfused(torch.zeros(2)) == {"enable_fp_fusion": False}
+    with FakeTensorMode():
+        fake = torch.zeros(2)
+    assert unfused(fake) == {}
