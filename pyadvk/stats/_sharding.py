@@ -4,10 +4,15 @@ pass over all the data (see pyadvk/stats/neuron_stats.py). A mixin of NeuronStat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pyadvk import distributed
 from pyadvk.ops import channel_stats as cs
+
+if TYPE_CHECKING:
+    from pyadvk.stats.neuron_stats import NeuronStats
 
 
 class Sharding:
@@ -35,7 +40,7 @@ class Sharding:
         except ValueError as exc:
             raise ValueError(f"layer {layer!r}: {exc}") from None
 
-    def merge(self, other):
+    def merge(self, other: NeuronStats) -> NeuronStats:
         """Combines another shard's statistics into this object (in place; returns self): the
         result equals one pass over both shards' data (the histogram re-binned when the ranges
         differ; see the module docstring). Sample indices are mapped to dataset indices first,
@@ -57,7 +62,7 @@ class Sharding:
         self._set_merged(merged, self.samples + other.samples)
         return self
 
-    def sync(self):
+    def sync(self) -> NeuronStats:
         """Combines the statistics of every torch.distributed rank (a no-op without a process
         group): each rank's states are all-gathered and merged in rank order (moments with the
         parallel-variance formula, top-k and quantile buffers by selection), so every rank ends
