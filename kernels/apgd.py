@@ -242,7 +242,7 @@ def _launch(linf: bool, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentu
             return
         D, per_sample, block = plan(x)
         grid = (B * per_sample,)
-        gg, dd1, dd2 = (torch.empty(grid[0], device=x.device, dtype=torch.float64) for _ in range(3))
+        gg, dd1, dd2 = torch.empty(3, grid[0], device=x.device, dtype=torch.float64)  # one allocation per step
         sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
         wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused(x))
         wrap_triton(_l2_d1_kernel)[grid](

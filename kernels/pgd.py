@@ -211,8 +211,7 @@ def _launch_step(linf: bool, x_adv, x_orig, grad, eps, alpha, eps_t, alpha_t, lo
             return
         D, per_sample, block = plan(x_adv)
         grid = (B * per_sample,)
-        gg = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
-        dd = torch.empty(grid[0], device=x_adv.device, dtype=torch.float64)
+        gg, dd = torch.empty(2, grid[0], device=x_adv.device, dtype=torch.float64)  # one allocation per step
         sizes = dict(BLOCK=block, PARTIAL_BLOCK=PARTIAL_BLOCK)
         wrap_triton(_l2_gg_kernel)[grid](grad, gg, D, BLOCK=block, **unfused(x_adv))
         wrap_triton(_l2_dd_kernel)[grid](

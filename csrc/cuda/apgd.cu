@@ -178,12 +178,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
   const Params p{optional_data(eta_t),      static_cast<float>(eta),          optional_data(eps_t),
                  eps,                       static_cast<float>(momentum),     static_cast<float>(1.0 - momentum),
                  static_cast<float>(lower), static_cast<float>(upper)};
-  at::Tensor gg, dd1, partial2;  // per-tile |g|^2, |d1|^2, |w - x_orig|^2
-  if (norm == Norm::L2) {
-    gg = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
-    dd1 = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
-    partial2 = at::empty({B * per_sample}, x.options().dtype(at::kDouble));
-  }
+  at::Tensor partials;  // per-tile |g|^2, |d1|^2, |w - x_orig|^2: one allocation per step
+  if (norm == Norm::L2) partials = at::empty({3, B * per_sample}, x.options().dtype(at::kDouble));
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T *px = x.data_ptr<T>(), *pp = x_prev.data_ptr<T>(), *po = x_orig.data_ptr<T>(), *pg = grad.data_ptr<T>();
@@ -195,7 +191,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x, const at::Tensor& 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      double *pgg = gg.data_ptr<double>(), *pdd1 = dd1.data_ptr<double>(), *part2 = partial2.data_ptr<double>();
+      double* pgg = partials.data_ptr<double>();
+      double *pdd1 = pgg + B * per_sample, *part2 = pdd1 + B * per_sample;
       l2_gg_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(pg, pgg, D, per_sample);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       l2_d1_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(px, po, pg, pgg, pdd1, D, per_sample, p);

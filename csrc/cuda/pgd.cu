@@ -140,11 +140,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
   const float *et = optional_data(eps_t), *at_ = optional_data(alpha_t);
   const float e = static_cast<float>(eps), a = static_cast<float>(alpha);
   const float lo = static_cast<float>(lower), hi = static_cast<float>(upper);
-  at::Tensor gg, dd;
-  if (norm == Norm::L2) {
-    gg = at::empty({static_cast<int64_t>(L.grid.x)}, x_adv.options().dtype(at::kDouble));
-    dd = at::empty({static_cast<int64_t>(L.grid.x)}, x_adv.options().dtype(at::kDouble));
-  }
+  at::Tensor partials;  // per-tile |g|^2, then per-tile |d|^2: one allocation per step
+  if (norm == Norm::L2) partials = at::empty({2, static_cast<int64_t>(L.grid.x)}, x_adv.options().dtype(at::kDouble));
   dispatch_float(x_adv.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T *pa = x_adv.data_ptr<T>(), *po = x_orig.data_ptr<T>(), *pg = grad.data_ptr<T>();
@@ -156,7 +153,8 @@ void run_step(Norm norm, const char* op, const at::Tensor& x_adv, const at::Tens
                                                                     at_, a, lo, hi);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        double *pgg = gg.data_ptr<double>(), *pdd = dd.data_ptr<double>();
+        double* pgg = partials.data_ptr<double>();
+        double* pdd = pgg + L.grid.x;
         l2_gg_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pg, pgg, L.D, L.per_sample);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         l2_dd_kernel<T, VEC><<<L.grid, kThreads, 0, L.stream>>>(pa, po, pg, pgg, pdd, L.D, L.per_sample, at_, a);
