@@ -3,7 +3,8 @@ benchmarks/baselines.py) vs torch.compile of the torch body, from a CIFAR batch 
 
 Run: ``pyadvk bench --ops pgd_step`` (or ``pytest benchmarks/bench_pgd_step.py
 --benchmark-json=out.json``, then ``python benchmarks/summarize.py out.json``). Every row carries
-the effective bandwidth (3 reads + 1 write per value) and its share of the copy bandwidth
+the effective bandwidth (the op's floor, 3 reads + 1 write per value; the l2 bodies read x_adv, x_orig
+and the gradient a second time, 7 reads + 1 write) and its share of the copy bandwidth
 measured in the same run.
 Inputs rotate over enough buffers (>= 256 MiB) that caches do not flatter the small sizes.
 """
