@@ -1,53 +1,26 @@
-"""Persistence of :class:`pyadvk.stats.NeuronStats`: its configuration, state dicts (checked in
-full before anything changes), and files written atomically, read only after their zip archive
-is checked. A mixin of NeuronStats (whose constructor sets the attributes used here)."""
+"""Persistence of :class:`pyadvk.stats.NeuronStats`: state dicts (checked in full before anything
+changes), and files written atomically, read only after their zip archive is checked. A mixin of
+NeuronStats (whose constructor sets the attributes used here, declared in _base.py)."""
 
 from __future__ import annotations
 
-import math
 import os
+from typing import Any
 
 import torch
 
-from pyadvk import _checks, distributed
+from pyadvk import distributed
 from pyadvk._io import check_archive, save_torch
 from pyadvk.ops import channel_stats as cs
+from pyadvk.stats._base import StatsBase
 
 FORMAT = "pyadvk-neuron-stats/1"
 
 
-def _check_range(value, layers):
-    """None, (lo, hi) for every layer, or {layer: (lo, hi)}: finite with lo < hi."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        unknown = [k for k in value if k not in layers]
-        if unknown:
-            raise ValueError(f"histogram_range names {unknown[0]!r}, which is not one of the layers {layers}")
-        return {k: _check_range(v, layers) for k, v in value.items()}
-    if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"histogram_range must be (lo, hi) or a dict of them per layer, got {value!r}")
-    lo, hi = _checks.real("histogram_range[0]", value[0]), _checks.real("histogram_range[1]", value[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"histogram_range must be finite with lo < hi, got {tuple(value)}")
-    return (lo, hi)
-
-
-class Persistence:
+class Persistence(StatsBase):
     """state_dict / load_state_dict / save / load of NeuronStats (see there)."""
 
-    def _config(self) -> dict:
-        return {
-            "layers": list(self.layers),
-            "topk": self.topk,
-            "quantile": self.quantile,
-            "histogram_bins": self.histogram_bins,
-            "histogram_range": self.histogram_range,
-            "num_samples": self.num_samples,
-            "quantile_buffer": self.quantile_buffer,
-        }
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume (tensors on the CPU; loadable with weights_only=True).
         Refused (RuntimeError) after a batch interrupted between two layers: see :meth:`load`."""
         self._check_whole("save the statistics")
@@ -62,7 +35,7 @@ class Persistence:
             "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()},
         }
 
-    def load_state_dict(self, sd: dict, *, check_world_size: bool = True) -> None:
+    def load_state_dict(self, sd: dict[str, Any], *, check_world_size: bool = True) -> None:
         """Restores a :meth:`state_dict` of an object with the same configuration; :meth:`track`
         then resumes after the samples already seen. Nothing changes when the check fails."""
         if not isinstance(sd, dict) or sd.get("format") != FORMAT:
@@ -114,29 +87,12 @@ class Persistence:
         self.sample_index_given = given
         self._batch, self._pending = None, []
 
-    def _check_config(self, config: dict, what: str) -> None:
-        mine = self._config()
-        for key in (
-            "layers",
-            "topk",
-            "quantile",
-            "histogram_bins",
-            "histogram_range",
-            "num_samples",
-            "quantile_buffer",
-        ):
-            a, b = mine[key], config.get(key)
-            if key == "histogram_range":
-                b = _check_range(b, self.layers)
-            if a != b:
-                raise ValueError(f"{what} has {key}={b!r}, but this NeuronStats has {key}={a!r}")
-
     def save(self, path: str | os.PathLike) -> None:
         """Writes :meth:`state_dict` atomically (torch.save)."""
         save_torch(self.state_dict(), path)
 
-    def load(self, path: str | os.PathLike, **kwargs) -> None:
+    def load(self, path: str | os.PathLike, *, check_world_size: bool = True) -> None:
         """Restores a file written by :meth:`save` (its zip archive checked first: a damaged file
         raises :class:`pyadvk._io.CorruptFileError`)."""
         check_archive(path, "statistics file")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), **kwargs)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), check_world_size=check_world_size)

@@ -4,18 +4,19 @@ pass over all the data (see pyadvk/stats/neuron_stats.py). A mixin of NeuronStat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pyadvk import distributed
 from pyadvk.ops import channel_stats as cs
+from pyadvk.stats._base import StatsBase
 
 if TYPE_CHECKING:
-    from pyadvk.stats.neuron_stats import NeuronStats
+    from typing_extensions import Self
 
 
-class Sharding:
+class Sharding(StatsBase):
     """merge / sync of NeuronStats (see there)."""
 
     def _end_index(self) -> int:
@@ -23,7 +24,7 @@ class Sharding:
         start, step = self.sample_index
         return start + step * (self.samples - 1) + 1 if self.samples else 0
 
-    def _set_merged(self, states: dict, samples: int) -> None:
+    def _set_merged(self, states: dict[str, cs.ChannelStats | None], samples: int) -> None:
         for name, s in states.items():
             old = self.states[name]
             self.states[name] = s if s is None or old is None else s.to(old.count.device)
@@ -40,7 +41,7 @@ class Sharding:
         except ValueError as exc:
             raise ValueError(f"layer {layer!r}: {exc}") from None
 
-    def merge(self, other: NeuronStats) -> NeuronStats:
+    def merge(self, other: Self) -> Self:
         """Combines another shard's statistics into this object (in place; returns self): the
         result equals one pass over both shards' data (the histogram re-binned when the ranges
         differ; see the module docstring). Sample indices are mapped to dataset indices first,
@@ -62,7 +63,7 @@ class Sharding:
         self._set_merged(merged, self.samples + other.samples)
         return self
 
-    def sync(self) -> NeuronStats:
+    def sync(self) -> Self:
         """Combines the statistics of every torch.distributed rank (a no-op without a process
         group): each rank's states are all-gathered and merged in rank order (moments with the
         parallel-variance formula, top-k and quantile buffers by selection), so every rank ends
@@ -82,9 +83,9 @@ class Sharding:
             "spatial_shapes": self.spatial_shapes,
             "states": {k: (v.state_dict() if v is not None else None) for k, v in self.states.items()},
         }
-        gathered: list = [None] * distributed.world_size()
+        gathered: list[Any] = [None] * distributed.world_size()
         dist.all_gather_object(gathered, payload)
-        merged: dict = {name: None for name in self.layers}
+        merged: dict[str, cs.ChannelStats | None] = {name: None for name in self.layers}
         samples = end = 0
         for r, part in enumerate(gathered):
             self._check_config(part["config"], f"rank {r}'s NeuronStats")
@@ -104,7 +105,9 @@ class Sharding:
     all_reduce = sync
 
 
-def _globalized(states: dict, sample_index: tuple[int, int]) -> dict[str, cs.ChannelStats | None]:
+def _globalized(
+    states: dict[str, cs.ChannelStats | None], sample_index: tuple[int, int]
+) -> dict[str, cs.ChannelStats | None]:
     """CPU copies of ``states`` with top-k sample indices mapped to dataset indices start + step·i."""
     start, step = sample_index
     out: dict[str, cs.ChannelStats | None] = {}

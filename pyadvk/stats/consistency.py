@@ -98,7 +98,7 @@ class _RunningTopK:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.values = self.labels = self.indices = None
+        self.top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # values, labels, indices
         self.count = 0
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor) -> None:
@@ -106,17 +106,22 @@ class _RunningTopK:
         values = acts.t()
         labels = labels.view(1, -1).expand(channels, -1)
         indices = torch.arange(self.count, self.count + batch, device=acts.device).view(1, -1).expand(channels, -1)
-        if self.values is not None:
-            if self.values.shape[0] != channels:
-                raise RuntimeError(f"the layer gave {channels} channels, earlier batches gave {self.values.shape[0]}")
-            values = torch.cat([self.values, values], dim=1)
-            labels = torch.cat([self.labels, labels], dim=1)
-            indices = torch.cat([self.indices, indices], dim=1)
+        if self.top is not None:
+            kept_values, kept_labels, kept_indices = self.top
+            if kept_values.shape[0] != channels:
+                raise RuntimeError(f"the layer gave {channels} channels, earlier batches gave {kept_values.shape[0]}")
+            values = torch.cat([kept_values, values], dim=1)
+            labels = torch.cat([kept_labels, labels], dim=1)
+            indices = torch.cat([kept_indices, indices], dim=1)
         order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : self.k]
-        self.values = values.gather(1, order)
-        self.labels = labels.gather(1, order)
-        self.indices = indices.gather(1, order)
+        self.top = (values.gather(1, order), labels.gather(1, order), indices.gather(1, order))
         self.count += batch
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, labels, indices) of the K largest per channel, each (C, K), after a batch."""
+        if self.top is None:
+            raise RuntimeError("no batch was seen")
+        return self.top
 
 
 def _check_similarity(class_similarity) -> torch.Tensor | None:
@@ -349,11 +354,14 @@ def consistency(
     for name, top in (("real_loader", real_top), ("adv_loader", adv_top)):
         if top.count < topk:
             raise ValueError(f"topk must be <= the number of images in {name} ({top.count}), got {topk}")
-    p_real = _label_distribution(real_top.labels, num_classes)
-    p_adv = _label_distribution(adv_top.labels, num_classes)
+    assert num_classes is not None  # set by the first batch, and both loaders had images
+    real_top_values, real_top_labels, real_top_indices = real_top.result()
+    adv_top_values, adv_top_labels, adv_top_indices = adv_top.result()
+    p_real = _label_distribution(real_top_labels, num_classes)
+    p_adv = _label_distribution(adv_top_labels, num_classes)
 
-    both = torch.cat([real_top.values, adv_top.values], dim=1)
-    is_adv = torch.cat([torch.zeros_like(real_top.values), torch.ones_like(adv_top.values)], dim=1)
+    both = torch.cat([real_top_values, adv_top_values], dim=1)
+    is_adv = torch.cat([torch.zeros_like(real_top_values), torch.ones_like(adv_top_values)], dim=1)
     order = torch.sort(both, dim=1, descending=True, stable=True).indices[:, :topk]
     fraction = is_adv.gather(1, order).double().mean(dim=1)
 
@@ -370,12 +378,12 @@ def consistency(
         label_distribution_real=p_real,
         label_distribution_adv=p_adv,
         adversarial_fraction=fraction,
-        topk_values_real=real_top.values,
-        topk_labels_real=real_top.labels,
-        topk_indices_real=real_top.indices,
-        topk_values_adv=adv_top.values,
-        topk_labels_adv=adv_top.labels,
-        topk_indices_adv=adv_top.indices,
+        topk_values_real=real_top_values,
+        topk_labels_real=real_top_labels,
+        topk_indices_real=real_top_indices,
+        topk_values_adv=adv_top_values,
+        topk_labels_adv=adv_top_labels,
+        topk_indices_adv=adv_top_indices,
         cosine=cosine,
         representation_consistency=float(cosine.double().mean()) if cosine is not None else None,
     )

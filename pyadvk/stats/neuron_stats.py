@@ -28,14 +28,16 @@ histogram range, buffer size) are refused.
 
 Files: this module holds the hooks, tracking and results; :class:`NeuronStats` takes its
 persistence (state dicts, files) from ``_persistence.py`` and :meth:`merge` / :meth:`sync` from
-``_sharding.py``; the pictures are in ``pictures.py``.
+``_sharding.py``, both built on ``_base.py`` (the attributes, the configuration and the checks they
+share); the pictures are in ``pictures.py``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +45,8 @@ from torch import nn
 from pyadvk import _checks, distributed
 from pyadvk._io import save_json
 from pyadvk.ops import channel_stats as cs
-from pyadvk.stats._persistence import Persistence, _check_range
+from pyadvk.stats._base import HistogramRange, _check_range
+from pyadvk.stats._persistence import Persistence
 from pyadvk.stats._sharding import Sharding
 
 DEFAULT_QUANTILE_BUFFER = 4096
@@ -93,7 +96,7 @@ class NeuronStats(Persistence, Sharding):
         topk: int = 16,
         quantile: float = 0.005,
         histogram_bins: int = 64,
-        histogram_range: tuple[float, float] | None = None,
+        histogram_range: HistogramRange | None = None,
         num_samples: int | None = None,
         quantile_buffer: int | None = None,
         sample_index: tuple[int, int] | None = None,
@@ -127,20 +130,12 @@ class NeuronStats(Persistence, Sharding):
         self.sample_index = self._check_index((0, 1) if sample_index is None else sample_index)
         self.sample_index_given = sample_index is not None
         self.backend = backend
-        self.states: dict[str, cs.ChannelStats | None] = {name: None for name in layers}
-        self.spatial_shapes: dict[str, tuple[int, ...] | None] = {name: None for name in layers}
-        self.samples = 0  # samples seen by every layer (the offset of the next batch)
-        self._handles: list = []
-        self._batch: int | None = None  # size of the batch in the current forward
-        self._pending: list[str] = []  # layers that folded the current batch before it ended
-
-    @staticmethod
-    def _check_index(sample_index) -> tuple[int, int]:
-        if not (isinstance(sample_index, (tuple, list)) and len(sample_index) == 2):
-            raise ValueError(f"sample_index must be a pair (start, step), got {sample_index!r}")
-        start = _checks.integer("sample_index start", sample_index[0], low=0)
-        step = _checks.integer("sample_index step", sample_index[1], low=1)
-        return start, step
+        self.states = {name: None for name in layers}
+        self.spatial_shapes = {name: None for name in layers}
+        self.samples = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._batch = None
+        self._pending = []
 
     # -----------------------------------------------------------------------------------------
     # Hooks.
@@ -149,7 +144,7 @@ class NeuronStats(Persistence, Sharding):
         self.attach()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     def attach(self) -> None:
@@ -163,12 +158,13 @@ class NeuronStats(Persistence, Sharding):
         self._batch = None
 
     def detach(self) -> None:
+        """Removes the forward hooks."""
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if isinstance(output, (tuple, list)):
                 output = output[0]
             if not isinstance(output, torch.Tensor):
@@ -177,23 +173,12 @@ class NeuronStats(Persistence, Sharding):
 
         return hook
 
-    def _advance(self, module, inputs, output) -> None:
+    def _advance(self, module: nn.Module | None, inputs: Any, output: Any) -> None:
         batch = self._batch
         self._batch = None
         self._pending = []
         if batch is not None:
             self.samples += batch
-
-    def _check_whole(self, action: str) -> None:
-        """Raises when a batch was folded into some layers but never ended (a forward interrupted,
-        e.g. by Ctrl-C, between two hooked layers): those layers count samples that the others and
-        the sample counter do not, and a saved or merged state would be silently inconsistent."""
-        if self._pending:
-            raise RuntimeError(
-                f"cannot {action}: a batch was interrupted mid-forward after layer(s) "
-                f"{', '.join(self._pending)} counted it (the other layers and the sample counter did not); "
-                "these statistics are inconsistent. Reload the last saved state (load()) and resume from it."
-            )
 
     def update(self, layer: str, activations: torch.Tensor) -> None:
         """Folds one layer's activations of the current batch (called by the hooks; call it
@@ -251,7 +236,7 @@ class NeuronStats(Persistence, Sharding):
 
     def track(
         self,
-        loader: Iterable,
+        loader: Iterable[Any],
         *,
         device: torch.device | str | None = None,
         progress: bool = True,
@@ -272,8 +257,9 @@ class NeuronStats(Persistence, Sharding):
         if device is None:
             p = next(iter(self.model.parameters()), None)
             device = p.device if p is not None else torch.device("cpu")
+        sized: Any = sampler if sampler is not None else getattr(loader, "dataset", None)  # may have no len()
         try:
-            total = len(sampler) if sampler is not None else len(loader.dataset)
+            total = len(sized)
         except (TypeError, AttributeError):
             total = None
         if max_samples is not None and total is not None:
@@ -320,7 +306,7 @@ class NeuronStats(Persistence, Sharding):
         start, step = self.sample_index
         return torch.where(sample >= 0, start + step * sample, -1)
 
-    def results(self) -> dict[str, dict]:
+    def results(self) -> dict[str, dict[str, Any] | None]:
         """Per layer: a dict of per-channel tensors (CPU): ``count``, ``nan_count``, ``mean``,
         ``std`` (population), ``min``, ``max``, ``topk_values`` (C, k), ``topk_indices`` (dataset
         indices, -1 where fewer than k values were seen), ``topk_positions`` (flat spatial
@@ -328,8 +314,9 @@ class NeuronStats(Persistence, Sharding):
         ``threshold_exact``, ``histogram`` (C, bins), ``underflow``, ``overflow``,
         ``histogram_moved`` (C,: 0, or after merging shards with different histogram ranges a
         bound on the values whose bin may differ from one pass's on this grid), plus
-        ``histogram_range``, ``spatial_shape``, ``quantile``."""
-        out = {}
+        ``histogram_range``, ``spatial_shape``, ``quantile``; None for a layer that has seen no
+        batch yet."""
+        out: dict[str, dict[str, Any] | None] = {}
         for name in self.layers:
             state = self.states[name]
             if state is None:
@@ -339,12 +326,12 @@ class NeuronStats(Persistence, Sharding):
             threshold, exact = cs.quantile_threshold(s, self.quantile)
             shape = self.spatial_shapes[name] or ()
             pos = s.topk_pos
-            coords = []
+            per_dim = []
             rest = pos.clone()
             for size in reversed(shape):
-                coords.append(torch.where(pos >= 0, rest % size, -1))
+                per_dim.append(torch.where(pos >= 0, rest % size, -1))
                 rest = rest // size
-            coords = torch.stack(coords[::-1], -1) if coords else pos.new_zeros(pos.shape + (0,))
+            coords = torch.stack(per_dim[::-1], -1) if per_dim else pos.new_zeros(pos.shape + (0,))
             out[name] = {
                 "count": s.count,
                 "nan_count": s.nan_count,
@@ -368,10 +355,10 @@ class NeuronStats(Persistence, Sharding):
             }
         return out
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """:meth:`results` as plain JSON-able lists."""
 
-        def plain(v):
+        def plain(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return (
                     [None if (isinstance(x, float) and not math.isfinite(x)) else x for x in v.tolist()]
@@ -380,10 +367,9 @@ class NeuronStats(Persistence, Sharding):
                 )
             return v
 
-        out = {"samples": self.samples, "quantile": self.quantile, "layers": {}}
-        for name, r in self.results().items():
-            out["layers"][name] = None if r is None else {k: plain(v) for k, v in r.items()}
-        return out
+        results = self.results()
+        layers = {name: None if r is None else {k: plain(v) for k, v in r.items()} for name, r in results.items()}
+        return {"samples": self.samples, "quantile": self.quantile, "layers": layers}
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Writes :meth:`summary` atomically."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,16 @@ from pyadvk._io import save_figure
 from pyadvk.stats.neuron_stats import NeuronStats
 
 
-def select_channels(stats: NeuronStats | dict, layer: str, k: int) -> list[int]:
+def _layer_results(stats: NeuronStats | dict[str, Any], layer: str) -> dict[str, Any]:
+    """``layer``'s entry of ``stats.results()`` (or of a results dict); ValueError when it has none."""
+    results = stats.results() if isinstance(stats, NeuronStats) else stats
+    r = results.get(layer)
+    if r is None:
+        raise ValueError(f"layer {layer!r} has no statistics; layers: {', '.join(n for n, v in results.items() if v)}")
+    return r
+
+
+def select_channels(stats: NeuronStats | dict[str, Any], layer: str, k: int) -> list[int]:
     """The ``k`` channels of ``layer`` to look at first: those that fire, most selective first.
 
     A channel fires when its largest activation is > 0 and its values vary (std > 0): dead
@@ -25,11 +35,8 @@ def select_channels(stats: NeuronStats | dict, layer: str, k: int) -> list[int]:
     ``(mean of its top-k values - mean) / std``, the z-score of its strongest responses (a channel
     that responds strongly to a few images ranks above one that is always on). Ties go to the
     smaller channel index."""
-    results = stats.results() if isinstance(stats, NeuronStats) else stats
-    if layer not in results or results[layer] is None:
-        raise ValueError(f"layer {layer!r} has no statistics; layers: {', '.join(n for n, v in results.items() if v)}")
+    r = _layer_results(stats, layer)
     k = _checks.integer("k", k, low=1)
-    r = results[layer]
     top = r["topk_values"].double()
     filled = r["topk_indices"] >= 0
     top_mean = torch.where(filled, top, 0.0).sum(1) / filled.sum(1).clamp(min=1)
@@ -60,7 +67,8 @@ def receptive_field_box(
             out = captured[0]
             if out.dim() < 3 or len(coords) != out.dim() - 2:
                 return None
-            (grad,) = torch.autograd.grad(out[(0, channel, *coords)], x)
+            index = (0, channel, *coords)
+            (grad,) = torch.autograd.grad(out[index], x)
     finally:
         handle.remove()
         model.train(was_training)
@@ -73,8 +81,8 @@ def receptive_field_box(
 
 
 def plot_top_patches(
-    stats: NeuronStats | dict,
-    dataset,
+    stats: NeuronStats | dict[str, Any],
+    dataset: Any,
     layer: str,
     channels: Sequence[int],
     path: str | os.PathLike,
@@ -99,10 +107,7 @@ def plot_top_patches(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    results = stats.results() if isinstance(stats, NeuronStats) else stats
-    if layer not in results or results[layer] is None:
-        raise ValueError(f"layer {layer!r} has no statistics; layers: {', '.join(k for k, v in results.items() if v)}")
-    r = results[layer]
+    r = _layer_results(stats, layer)
     n_channels = r["topk_values"].shape[0]
     if receptive_field is not None:
         receptive_field = _checks.integer("receptive_field", receptive_field, low=1)
