@@ -1,6 +1,7 @@
-"""Triton bodies of the Half-Huber ReLU ops (pyadvk/ops/half_huber.py defines them):
-``pyadvk::half_huber_relu_triton``, ``half_huber_relu_backward_triton`` and
-``half_huber_relu_double_backward_triton``.
+"""Triton bodies of the Half-Huber ReLU ops: ``pyadvk::half_huber_relu_triton``,
+``half_huber_relu_backward_triton`` and ``half_huber_relu_double_backward_triton``
+(pyadvk/ops/half_huber.py defines the ops; the torch references and the derivatives used here are
+in pyadvk/_half_huber.py, so this module does not import the ops package).
 
 Elementwise over numel values in memory order (every operand shares x's dense layout), BLOCK values
 per program (autotuned per size class, kernels/_common.py), int64 offsets, launched on x's device.
@@ -19,8 +20,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pyadvk._half_huber import (
+    constants,
+    half_huber_relu_backward_reference,
+    half_huber_relu_double_backward_reference,
+    half_huber_relu_reference,
+    register_autograd,
+    triton_body,
+)
 from pyadvk.kernels._common import ELEMENTWISE_CONFIGS, benchmark, on_device_of, size_class
-from pyadvk.ops import half_huber as ops
 
 _AUTOTUNE = dict(configs=ELEMENTWISE_CONFIGS, key=["size_class"], do_bench=benchmark)
 
@@ -88,11 +96,11 @@ def _grid(n: int):
 @triton_op("pyadvk::half_huber_relu_triton", mutates_args=())
 def half_huber_relu_triton(x: torch.Tensor, delta: float) -> torch.Tensor:
     if x.dtype == torch.float64:
-        return ops.half_huber_relu_reference(x, delta)
+        return half_huber_relu_reference(x, delta)
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        d, half, _, inv2d = ops.constants(delta)
+        d, half, _, inv2d = constants(delta)
         with on_device_of(x):
             wrap_triton(_forward_kernel)[_grid(n)](x, y, n, d, half, inv2d, size_class(n))
     return y
@@ -101,11 +109,11 @@ def half_huber_relu_triton(x: torch.Tensor, delta: float) -> torch.Tensor:
 @triton_op("pyadvk::half_huber_relu_backward_triton", mutates_args=())
 def half_huber_relu_backward_triton(grad: torch.Tensor, x: torch.Tensor, delta: float) -> torch.Tensor:
     if x.dtype == torch.float64:
-        return ops.half_huber_relu_backward_reference(grad, x, delta)
+        return half_huber_relu_backward_reference(grad, x, delta)
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        d, _, invd, _ = ops.constants(delta)
+        d, _, invd, _ = constants(delta)
         with on_device_of(x):
             wrap_triton(_backward_kernel)[_grid(n)](grad, x, out, n, d, invd, size_class(n))
     return out
@@ -116,15 +124,18 @@ def half_huber_relu_double_backward_triton(
     gg: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, delta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype == torch.float64:
-        return ops.half_huber_relu_double_backward_reference(gg, grad, x, delta)
+        return half_huber_relu_double_backward_reference(gg, grad, x, delta)
     d_grad = torch.empty_like(x)
     d_x = torch.empty_like(x)
     n = x.numel()
     if n:
-        d, _, invd, _ = ops.constants(delta)
+        d, _, invd, _ = constants(delta)
         with on_device_of(x):
             wrap_triton(_double_backward_kernel)[_grid(n)](gg, grad, x, d_grad, d_x, n, d, invd, size_class(n))
     return d_grad, d_x
 
 
-ops.register_triton_autograd()
+register_autograd(
+    triton_body,
+    ("half_huber_relu_triton", "half_huber_relu_backward_triton", "half_huber_relu_double_backward_triton"),
+)

@@ -25,10 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 KNOWN = {
-    # The Triton bodies of these two families still call the op's torch code (the float64 fallback
-    # and autograd registration of half_huber; channel_stats' merge algebra): move that code into
-    # a leaf module both import.
-    ("pyadvk.kernels.half_huber", "pyadvk.ops.half_huber"): "kernel imports ops",
+    # The Triton body of channel_stats still calls the op's merge algebra: move that code into a
+    # leaf module both import.
     ("pyadvk.kernels.channel_stats", "pyadvk.ops.channel_stats"): "kernel imports ops",
     # lipschitz_bound recognizes the zoo's residual blocks by class: the blocks could describe
     # their own composition (branch, shortcut, final activation) instead.

@@ -2,7 +2,8 @@
 
 Where each body lives (one hop from here):
 
-    torch   the ``*_reference`` functions below (the definition of the ops)
+    torch   the ``*_reference`` functions in pyadvk/_half_huber.py (the definition of the ops; the
+            derivatives and their registration are there too, shared with the Triton body)
     cpp     csrc/half_huber.cpp (checks, outputs) -> csrc/cpu/half_huber_kernels.inc (the loops,
             compiled per instruction set by csrc/cpu/kernels_{default,avx2,avx512}.cpp)
     cuda    csrc/cuda/half_huber.cu (helpers: csrc/cuda/common.cuh)
@@ -69,7 +70,34 @@ import math
 import torch
 
 from pyadvk import _backend, _checks
+from pyadvk._half_huber import Body as _Body
+from pyadvk._half_huber import (
+    constants,
+    grad_of_forward,
+    grads_of_backward,
+    grads_of_double_backward,
+    half_huber_relu_backward_reference,
+    half_huber_relu_double_backward_reference,
+    half_huber_relu_reference,
+    register_autograd,
+)
+from pyadvk._half_huber import native_body as _native_body
+from pyadvk._half_huber import triton_body as _triton_body  # noqa: F401 (the bodies by name, for the tests)
+from pyadvk._layout import is_dense, same_layout
 from pyadvk.ops._library import define
+
+__all__ = [
+    "DTYPES",
+    "HALF_HUBER",
+    "check_delta",
+    "constants",
+    "half_huber_relu",
+    "half_huber_relu_backward_reference",
+    "half_huber_relu_double_backward_reference",
+    "half_huber_relu_reference",
+    "is_dense",
+    "same_layout",
+]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -100,188 +128,12 @@ HALF_HUBER = _backend.OpBodies(
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch bodies: the definition of each op.
+# The torch bodies (the definition of each op), the derivatives and their registration are in
+# pyadvk/_half_huber.py, which the Triton body imports too; the compiled ops' derivatives:
 
-
-def constants(delta: float) -> tuple[float, float, float, float]:
-    """(delta, delta/2, 1/delta, 1/(2 delta)), in double; every body rounds them to its compute type."""
-    return delta, delta / 2, 1.0 / delta, 1.0 / (2.0 * delta)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-# The constants are Python floats: an op between a tensor and a Python float rounds the float to
-# the tensor's dtype (here the compute dtype), exactly as the kernels round them.
-
-
-def half_huber_relu_reference(x: torch.Tensor, delta: float) -> torch.Tensor:
-    """``f(x)`` (see the module docstring), computed in float32 (float64 for float64 input)."""
-    d, half, _, inv2d = constants(delta)
-    v = x.to(_compute_dtype(x))
-    y = torch.where(v >= d, v - half, torch.where(v <= 0, 0.0, v * v * inv2d))
-    return y.to(x.dtype)
-
-
-def half_huber_relu_backward_reference(grad: torch.Tensor, x: torch.Tensor, delta: float) -> torch.Tensor:
-    """``grad * f'(x)``."""
-    d, _, invd, _ = constants(delta)
-    ct = _compute_dtype(x)
-    v, g = x.to(ct), grad.to(ct)
-    return torch.where(v >= d, g, torch.where(v <= 0, 0.0, g * (v * invd))).to(x.dtype)
-
-
-def half_huber_relu_double_backward_reference(
-    gg: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, delta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gg * f'(x), gg * grad * f''(x))``: the gradients of ``<gg, grad * f'(x)>`` with respect
-    to ``grad`` and ``x``."""
-    d, _, invd, _ = constants(delta)
-    ct = _compute_dtype(x)
-    v = x.to(ct)
-    d_grad = half_huber_relu_backward_reference(gg, x, delta)
-    d_x = torch.where((v > 0) & (v < d), gg.to(ct) * grad.to(ct) * invd, 0.0)
-    return d_grad, d_x.to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bodies as (forward, backward, double_backward) callables, and their derivatives.
-
-
-class _Body:
-    """The three ops of one body."""
-
-    def __init__(self, forward, backward, double_backward):
-        self.forward = forward
-        self.backward = backward
-        self.double_backward = double_backward
-
+register_autograd(_native_body, ("half_huber_relu", "half_huber_relu_backward", "half_huber_relu_double_backward"))
 
 _TORCH = _Body(half_huber_relu_reference, half_huber_relu_backward_reference, half_huber_relu_double_backward_reference)
-
-
-def _native_body() -> _Body:
-    ops = torch.ops.pyadvk
-    return _Body(ops.half_huber_relu, ops.half_huber_relu_backward, ops.half_huber_relu_double_backward)
-
-
-def _triton_body() -> _Body:
-    ops = torch.ops.pyadvk
-    return _Body(
-        ops.half_huber_relu_triton, ops.half_huber_relu_backward_triton, ops.half_huber_relu_double_backward_triton
-    )
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Whether ``t`` is non-overlapping and dense (its values fill numel consecutive slots in some
-    order of the dims: contiguous, channels_last, any permutation)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for d in sorted(range(t.dim()), key=t.stride):
-        if t.shape[d] == 1:
-            continue
-        if t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
-
-
-def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` have one shape and the same strides on every dim of size > 1."""
-    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
-
-
-def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``t`` with x's dtype and layout (the compiled ops need operands of one layout)."""
-    if t is None:
-        return None
-    if t.dtype != x.dtype:
-        t = t.to(x.dtype)
-    if not same_layout(t, x):
-        t = torch.empty_like(x).copy_(t)
-    return t
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
-def grad_of_forward(body: _Body, grad, x, delta):
-    """d f(x) / dx applied to ``grad``."""
-    return body.backward(_like(grad, x), x, delta)
-
-
-def grads_of_backward(body: _Body, gg, grad, x, delta):
-    """Gradients of ``b = grad * f'(x)`` for an incoming ``gg``: (wrt grad, wrt x)."""
-    if gg is None:
-        return None, None
-    return body.double_backward(_like(gg, x), _like(grad, x), x, delta)
-
-
-def grads_of_double_backward(body: _Body, ga, gb, gg, grad, x, delta):
-    """Gradients of ``(a, b) = (gg f'(x), gg grad f''(x))`` for incoming ``(ga, gb)``, with f''' = 0:
-    wrt gg: ``ga f' + gb grad f''``; wrt grad: ``gb gg f''``; wrt x: ``ga gg f''``."""
-    ga, gb = _like(ga, x), _like(gb, x)
-    d_gg = d_grad = d_x = None
-    if ga is not None:
-        d_gg = body.backward(ga, x, delta)
-        d_x = body.double_backward(ga, gg, x, delta)[1]
-    if gb is not None:
-        d_gg = _add(d_gg, body.double_backward(gb, grad, x, delta)[1])
-        d_grad = body.double_backward(gb, gg, x, delta)[1]
-    return d_gg, d_grad, d_x
-
-
-def _register_autograd(body_fn, names: tuple[str, str, str]) -> None:
-    """Registers the derivatives of the three ops ``names`` of a compiled or Triton body."""
-    fwd, bwd, dbl = names
-
-    def setup_forward(ctx, inputs, output):
-        x, delta = inputs
-        ctx.save_for_backward(x)
-        ctx.delta = delta
-
-    def backward_forward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad_of_forward(body_fn(), grad, x, ctx.delta), None
-
-    def setup_backward(ctx, inputs, output):
-        grad, x, delta = inputs
-        ctx.save_for_backward(grad, x)
-        ctx.delta = delta
-
-    def backward_backward(ctx, gg):
-        grad, x = ctx.saved_tensors
-        d_grad, d_x = grads_of_backward(body_fn(), gg, grad, x, ctx.delta)
-        return d_grad, d_x, None
-
-    def setup_double(ctx, inputs, output):
-        gg, grad, x, delta = inputs
-        ctx.save_for_backward(gg, grad, x)
-        ctx.delta = delta
-
-    def backward_double(ctx, ga, gb):
-        gg, grad, x = ctx.saved_tensors
-        return (*grads_of_double_backward(body_fn(), ga, gb, gg, grad, x, ctx.delta), None)
-
-    torch.library.register_autograd(f"pyadvk::{fwd}", backward_forward, setup_context=setup_forward)
-    torch.library.register_autograd(f"pyadvk::{bwd}", backward_backward, setup_context=setup_backward)
-    torch.library.register_autograd(f"pyadvk::{dbl}", backward_double, setup_context=setup_double)
-
-
-_register_autograd(_native_body, ("half_huber_relu", "half_huber_relu_backward", "half_huber_relu_double_backward"))
-
-
-def register_triton_autograd() -> None:
-    """Called by kernels/half_huber.py once the Triton ops exist."""
-    _register_autograd(
-        _triton_body,
-        ("half_huber_relu_triton", "half_huber_relu_backward_triton", "half_huber_relu_double_backward_triton"),
-    )
 
 
 # The torch body: autograd.Functions running the reference formulas, with the same derivatives.
