@@ -486,6 +486,7 @@ def test_cpp_l2_schedules(two_threads, dtype):
 
 
 @NEEDS_CPP
+@pytest.mark.slow  # a subprocess per instruction set running the op tests: 9-30 s each
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
     """The reference tests on each copy of the cpp loops this CPU supports."""

@@ -558,6 +558,7 @@ def test_quantile_outside_open_interval(q):
 
 
 @pytest.mark.skipif("cpp" not in BODIES, reason="the C++ extension is not built")
+@pytest.mark.slow  # a subprocess per instruction set running the op tests: 9-30 s each
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
     """The reference comparisons on each copy of the cpp loops this CPU supports, on one thread

@@ -13,6 +13,7 @@ from torch import nn
 
 from pyadvk import models
 from pyadvk.cli import main
+from tests.utils import run_main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -193,7 +194,7 @@ def test_help_for_every_command():
         ),
     ],
 )
-def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
+def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message, capsys):
     torch.save(nn.Flatten(), tmp_path / "pickled.pt")
     torch.jit.script(nn.Identity()).save(str(tmp_path / "badout.pt"))
     subst = {
@@ -201,11 +202,20 @@ def test_user_errors_exit_2_without_traceback(trained, tmp_path, args, message):
         "PICKLED": str(tmp_path / "pickled.pt"),
         "BADOUT": str(tmp_path / "badout.pt"),
     }
-    result = run_cli(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "out"))
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = run_main([*[subst.get(a, a) for a in args], "--out", str(tmp_path / "out")], capsys)
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists(), "a failed command wrote output"
+
+
+def test_a_user_error_is_one_line_from_a_fresh_interpreter(tmp_path):
+    """What the user sees from ``python -m pyadvk``: exit 2, one line on stderr, no traceback."""
+    result = run_cli("ara", "--model", "/nonexistent/model.pt", "--data", "digits:8", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    expected = "pyadvk ara: error: model file '/nonexistent/model.pt' does not exist"
+    assert result.stderr.strip() == expected, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -270,6 +270,7 @@ def test_files_that_are_not_models_get_a_clear_error(tmp_path):
         models.load_model(tmp_path / "noarch.pt")
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch: ~10 s
 def test_a_bad_backend_in_the_environment_is_a_clear_error_not_an_import_failure():
     env = {**os.environ, "PYADVK_BACKEND": "bogus"}
     code = "import pyadvk; print('imported')"

@@ -240,6 +240,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.slow  # a subprocess per instruction set running the op tests: 9-30 s each
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
     """The reference tests on each copy of the cpp loops this CPU supports."""

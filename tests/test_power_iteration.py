@@ -80,7 +80,10 @@ def test_matches_reference(backend, shapes, dtype, n_iters, seed, data):
         assert out[0][i] == 0 and torch.equal(out[1][i], us[i]) and not out[2][i].any()
 
 
-@pytest.mark.parametrize("backend", ["torch"] + CPU_BACKENDS)
+# 65 launches: ~12 s through the Triton interpreter, so that body runs in the slow tier only
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in ["torch"] + CPU_BACKENDS]
+)
 def test_warm_start_converges_to_spectral_norm(backend):
     ws, us = make_case([(40, 30), (1, 12), (12, 1), (16, 3, 3, 3)], torch.float32, 0)
     sigmas = None
@@ -209,6 +212,7 @@ def test_cpp_many_column_tasks(dtype):
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.slow  # a subprocess per instruction set running the op tests: 9-30 s each
 @pytest.mark.parametrize("isa", ISA_ORDER)
 def test_every_cpu_instruction_set(isa):
     """The reference tests on each copy of the cpp loops this CPU supports."""

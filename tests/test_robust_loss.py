@@ -126,6 +126,7 @@ def _robust_rank(rank, tmp):
         torch.save({"psi": gathered, "weights": wg}, f"{tmp}/out.pt")
 
 
+@pytest.mark.slow  # spawns two gloo ranks: ~15 s
 def test_ddp_psi_and_weights_identical_on_every_rank(tmp_path):
     """Different shards per rank, yet psi (updated from the all-reduced CE) and the weights
     stay identical across ranks; the attack's input gradients do not break DDP."""

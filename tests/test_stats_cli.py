@@ -14,6 +14,7 @@ import torch
 from pyadvk import models
 from pyadvk.cli import main
 from pyadvk.data import digits
+from tests.utils import run_main
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -129,26 +130,36 @@ def test_stats_command_with_arch_only(tmp_path):
         (["--layers", "features.1", "--num-images", "0"], "--num-images must be >= 1"),
     ],
 )
-def test_user_errors_exit_2(model_file, tmp_path, args, message):
-    result = run_cli(
-        "stats", "--model", str(model_file), "--data", "digits:8", "--quiet", *args, "--out", str(tmp_path / "out")
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_user_errors_exit_2(model_file, tmp_path, args, message, capsys):
+    argv = ["stats", "--model", str(model_file), "--data", "digits:8", "--quiet", *args, "--out", str(tmp_path / "out")]
+    code, err = run_main(argv, capsys)
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_no_model_named_exits_2(tmp_path):
-    result = run_cli("stats", "--layers", "x", "--data", "digits:8")
-    assert result.returncode == 2 and "name a model" in result.stderr
+def test_a_user_error_is_one_line_from_a_fresh_interpreter(model_file, tmp_path):
+    argv = ["--model", str(model_file), "--data", "digits:8", "--layers", ",", "--out", str(tmp_path / "out")]
+    result = run_cli("stats", *argv)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pyadvk stats: error: --layers must name at least one layer (comma-separated)"
+    ]
 
 
-def test_help():
-    result = run_cli("stats", "--help")
-    assert result.returncode == 0 and "usage: pyadvk stats" in result.stdout
+def test_no_model_named_exits_2(capsys):
+    code, err = run_main(["stats", "--layers", "x", "--data", "digits:8"], capsys)
+    assert code == 2 and "name a model" in err
 
 
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", "--help"])
+    assert exc.value.code == 0 and "usage: pyadvk stats" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two torchrun workers and a one-process run: ~20 s
 def test_under_torchrun_matches_one_process(model_file, tmp_path):
     """Two ranks (gloo) over an uneven split (19 + 18 images), merged on rank 0: the same JSON as
     one process, batches of 1 so the model computes identical activations."""

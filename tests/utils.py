@@ -169,3 +169,19 @@ def pgd_step_args(
     if per_sample_alpha:
         alpha = per_sample(alpha, batch, seed + 7, device)
     return (x_adv, x_orig, grad), dict(eps=eps, alpha=alpha, norm=norm, lower=box[0], upper=box[1])
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """Runs ``pyadvk ARGV`` in this process (``pyadvk.cli.main``) and returns its exit code and what
+    it wrote to stderr. Argument errors that argparse turns into SystemExit count as exit codes. An
+    exception that escapes ``main`` (what a user would see as a traceback) fails the calling test.
+    The user-error tests use it for all but one case per command file, which runs in a fresh
+    interpreter (``python -m pyadvk``) to show the user sees one line and no traceback."""
+    from pyadvk.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+    return code, capsys.readouterr().err
