@@ -62,6 +62,7 @@ from torch import nn
 from pyadvk import _checks
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the layers of CONVS, as a type
 
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
@@ -87,17 +88,17 @@ def check_all_finite(named: list[tuple[str, torch.Tensor]]) -> None:
                 )
 
 
-def _check_conv(name: str, conv) -> nn.Module:
+def _check_conv(name: str, conv: object) -> Conv:
     if not isinstance(conv, CONVS):
         raise TypeError(f"{name} must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}")
     return conv
 
 
-def conv_dims(conv: nn.Module) -> int:
+def conv_dims(conv: Conv) -> int:
     return len(conv.kernel_size)
 
 
-def pads(conv: nn.Module) -> list[tuple[int, int]]:
+def pads(conv: Conv) -> list[tuple[int, int]]:
     """(left, right) zero/mode padding per spatial dimension, as the layer applies it."""
     d = conv_dims(conv)
     if isinstance(conv.padding, str):
@@ -111,7 +112,7 @@ def pads(conv: nn.Module) -> list[tuple[int, int]]:
     return [(p, p) for p in conv.padding]
 
 
-def output_spatial(conv: nn.Module, spatial) -> list[int]:
+def output_spatial(conv: Conv, spatial: Sequence[int]) -> list[int]:
     out = []
     for n, (pl, pr), k, s, dil in zip(spatial, pads(conv), conv.kernel_size, conv.stride, conv.dilation):
         out.append((n + pl + pr - dil * (k - 1) - 1) // s + 1)
@@ -119,7 +120,7 @@ def output_spatial(conv: nn.Module, spatial) -> list[int]:
 
 
 def check_input_shape(
-    conv: nn.Module, input_shape: Sequence[int], *, name: str = "input_shape", layer: str = ""
+    conv: Conv, input_shape: Sequence[int], *, name: str = "input_shape", layer: str = ""
 ) -> tuple[int, ...]:
     """``input_shape`` must be ``(C_in, *spatial)`` for this convolution, large enough for it."""
     d = conv_dims(conv)
@@ -158,7 +159,7 @@ def check_input_shape(
     return shape
 
 
-def linear_part(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_part(conv: Conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The layer's convolution without bias (padding mode included) with ``weight``."""
     return conv._conv_forward(x, weight, None)
 
@@ -166,7 +167,7 @@ def linear_part(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def adjoint(conv: nn.Module, u: torch.Tensor, weight: torch.Tensor, x_shape) -> torch.Tensor:
+def adjoint(conv: Conv, u: torch.Tensor, weight: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
     """``Aᵀ u``: the transposed convolution (the input gradient of the layer's convolution)."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         extra = []  # output_padding: input positions the strided forward never reached
@@ -220,7 +221,11 @@ class ConvNormState:
 
     @classmethod
     def random(
-        cls, input_shape: Sequence[int], *, device=None, generator: torch.Generator | None = None
+        cls,
+        input_shape: Sequence[int],
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> ConvNormState:
         """A random unit ``v``, drawn on the generator's device (CPU without one) and moved to
         ``device``: the same seed gives the same start on every device."""
@@ -231,12 +236,13 @@ class ConvNormState:
         return cls((v / v.norm()).to(device))
 
 
-def power_step(conv: nn.Module, weight: torch.Tensor, v: torch.Tensor, n_iters: int):
-    """``n_iters`` steps from ``v`` (float32, no grad): returns ``(sigma, u, v)`` with
+def power_step(
+    conv: Conv, weight: torch.Tensor, v: torch.Tensor, n_iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n_iters`` (>= 1) steps from ``v`` (float32, no grad): returns ``(sigma, u, v)`` with
     ``σ = <u, A v> = ||Aᵀu||``, u output-shaped and v input-shaped unit vectors."""
+    n_iters = _checks.integer("n_iters", n_iters, low=1)
     w = weight.detach().float()
-    u = None
-    sigma = v.new_zeros(())
     with torch.no_grad():
         for _ in range(n_iters):
             t = linear_part(conv, v, w)
@@ -247,7 +253,7 @@ def power_step(conv: nn.Module, weight: torch.Tensor, v: torch.Tensor, n_iters: 
 
 
 def conv_operator_norm(
-    conv: nn.Module,
+    conv: Conv,
     input_shape: Sequence[int],
     n_iters: int = 50,
     state: ConvNormState | None = None,
@@ -347,7 +353,7 @@ def _pad_copies(n: int, left: int, right: int, mode: str) -> int:
     return int(round(float(g.max())))
 
 
-def circulant_plan(conv: nn.Module, spatial) -> tuple[list[int], float]:
+def circulant_plan(conv: Conv, spatial: Sequence[int]) -> tuple[list[int], float]:
     """(grid size N per dim, factor): ``||A|| <= factor · ||circular conv of the kernel on N||``
     (see the module docstring)."""
     p = pads(conv)
@@ -368,7 +374,7 @@ def circulant_plan(conv: nn.Module, spatial) -> tuple[list[int], float]:
     return grid, math.sqrt(copies)
 
 
-def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.Tensor:
+def kernel_spectrum(weight: torch.Tensor, groups: int, dilation: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     """The per-frequency matrices ``K̂(ω)`` of a (dilated) kernel zero-embedded in ``grid``:
     shape ``(groups · Π frequencies, C_out/groups, C_in/groups)``, complex64 (rfft: half of the
     last frequency axis, the other half is its complex conjugate)."""
@@ -380,7 +386,8 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.
     if any(dil > 1 for dil in dilation):
         ks = [dil * (k - 1) + 1 for k, dil in zip(weight.shape[2:], dilation)]
         dil_w = w.new_zeros((c_out, c_in_g, *ks))
-        dil_w[(slice(None), slice(None), *(slice(None, None, dil) for dil in dilation))] = w
+        every_dil = (slice(None), slice(None), *(slice(None, None, dil) for dil in dilation))
+        dil_w[every_dil] = w
         w = dil_w
     for axis, size in enumerate(grid):  # a kernel wider than the grid wraps around: fold it
         dim, ext = 2 + axis, w.shape[2 + axis]
@@ -395,7 +402,7 @@ def kernel_spectrum(weight: torch.Tensor, groups: int, dilation, grid) -> torch.
 
 
 def conv_norm_bound(
-    conv: nn.Module,
+    conv: Conv,
     input_shape: Sequence[int],
     n_iters: int = 6,
     *,
@@ -422,7 +429,7 @@ def conv_norm_bound(
     return (factor * gram_bound(spec, n_iters).max()).float()
 
 
-def circular_norm_exact(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+def circular_norm_exact(conv: Conv, input_shape: Sequence[int]) -> torch.Tensor:
     """``max_ω σ_max(K̂(ω))`` by per-frequency SVD (Sedghi et al. 2019): the exact norm of the
     circular convolution of the kernel on the grid of :func:`circulant_plan` (the layer's norm
     itself for circular padding with output size = input size and stride 1). float64."""

@@ -22,6 +22,8 @@ in eval mode ``forward`` reuses the stored vectors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -60,7 +62,7 @@ class LipschitzPenalty(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        input_shape=None,
+        input_shape: Sequence[int] | None = None,
         kind: str = "hinge",
         target: float = 1.0,
         n_iters: int = 1,
@@ -69,7 +71,7 @@ class LipschitzPenalty(nn.Module):
         init_iters: int = 20,
         seed: int = 0,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.kind = _checks.choice("kind", kind, KINDS)
         self.method = _checks.choice("method", method, ("reshaped", "power"))
@@ -79,11 +81,11 @@ class LipschitzPenalty(nn.Module):
         layers = layers_of(model)
         self._layers = layers  # a plain list: the model's parameters are not registered here
         self._matrix = [(n, m) for n, m in layers if self.method == "reshaped" or isinstance(m, nn.Linear)]
-        self._convs = [(n, m) for n, m in layers if (n, m) not in self._matrix]
+        self._convs = [(n, m) for n, m in layers if self.method == "power" and isinstance(m, conv_norms.CONVS)]
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         gen = generator if generator is not None else torch.Generator().manual_seed(_checks.integer("seed", seed))
-        shapes = {}
+        shapes: dict[nn.Module, tuple[int, ...]] = {}
         if self._convs:
             if input_shape is None:
                 raise ValueError("input_shape is needed for method='power' on a model with convolutions")
@@ -93,7 +95,7 @@ class LipschitzPenalty(nn.Module):
             u = torch.randn(w.shape[0], generator=gen, device=gen.device)
             self.register_buffer(_buffer_name("u", n), u.to(w.device))
             self.register_buffer(_buffer_name("v", n), torch.zeros(as_matrix("weight", w).shape[1], device=w.device))
-        self._conv_shapes = {}
+        self._conv_shapes: dict[str, tuple[int, ...]] = {}
         for n, m in self._convs:
             if m not in shapes:
                 raise ValueError(f"layer {n!r} is not used by the model's forward: no input shape")

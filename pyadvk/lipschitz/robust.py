@@ -169,6 +169,8 @@ class AdaptivePsi(nn.Module):
         sync: all-reduce the loss passed to :meth:`update` across ranks.
     """
 
+    integral: torch.Tensor  # S, a registered buffer
+
     def __init__(
         self,
         psi0: float = 220.0,
@@ -178,7 +180,7 @@ class AdaptivePsi(nn.Module):
         eps_neg: float = 0.01,
         *,
         sync: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         self.psi0 = _checks.real("psi0", psi0, low=0.0, low_inclusive=False)
         self.k = _checks.real("k", k)
@@ -202,7 +204,7 @@ class AdaptivePsi(nn.Module):
         """The current weight (same as :attr:`psi`)."""
         return self.psi
 
-    def _mean_loss(self, loss_ce) -> float:
+    def _mean_loss(self, loss_ce: float | torch.Tensor) -> float:
         if isinstance(loss_ce, torch.Tensor):
             if loss_ce.numel() != 1:
                 raise ValueError(f"loss_ce must be a scalar, got a tensor of shape {tuple(loss_ce.shape)}")

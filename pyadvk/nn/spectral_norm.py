@@ -25,15 +25,18 @@ from pyadvk.lipschitz import conv as conv_norms
 class ConvSpectralNorm(nn.Module):
     """Parametrization ``W -> W / ||conv_W||_2`` for a convolution on ``input_shape``."""
 
+    _u: torch.Tensor  # buffers: the left (output-shaped) and right (input-shaped) singular vectors
+    _v: torch.Tensor
+
     def __init__(
         self,
-        conv: nn.Module,
+        conv: conv_norms.Conv,
         input_shape: Sequence[int],
         n_power_iterations: int = 1,
         eps: float = 1e-12,
         *,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         shape = conv_norms.check_input_shape(conv, input_shape)
         self.n_power_iterations = _checks.integer("n_power_iterations", n_power_iterations, low=1)

@@ -5,7 +5,9 @@ state a kernel could write out of bounds with reaches one."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -78,21 +80,23 @@ class ChannelStats:
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"the histogram range must be finite with lo < hi, got lo={lo}, hi={hi}")
         dev = torch.device(device)
-        i64 = dict(dtype=torch.int64, device=dev)
-        f32 = dict(dtype=torch.float32, device=dev)
-        f64 = dict(dtype=torch.float64, device=dev)
+
+        def full(shape: tuple[int, ...], value: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full(shape, value, dtype=dtype, device=dev)
+
+        i64, f32, f64 = torch.int64, torch.float32, torch.float64
         return cls(
-            count=torch.zeros(channels, **i64),
-            nan_count=torch.zeros(channels, **i64),
-            mean=torch.zeros(channels, **f64),
-            m2=torch.zeros(channels, **f64),
-            minimum=torch.full((channels,), math.inf, **f32),
-            maximum=torch.full((channels,), -math.inf, **f32),
-            hist=torch.zeros(channels, bins + 2, **i64),
-            topk_values=torch.full((channels, topk), -math.inf, **f32),
-            topk_sample=torch.full((channels, topk), -1, **i64),
-            topk_pos=torch.full((channels, topk), -1, **i64),
-            qbuf=torch.full((channels, quantile_capacity), -math.inf, **f32),
+            count=full((channels,), 0, i64),
+            nan_count=full((channels,), 0, i64),
+            mean=full((channels,), 0.0, f64),
+            m2=full((channels,), 0.0, f64),
+            minimum=full((channels,), math.inf, f32),
+            maximum=full((channels,), -math.inf, f32),
+            hist=full((channels, bins + 2), 0, i64),
+            topk_values=full((channels, topk), -math.inf, f32),
+            topk_sample=full((channels, topk), -1, i64),
+            topk_pos=full((channels, topk), -1, i64),
+            qbuf=full((channels, quantile_capacity), -math.inf, f32),
             lo=lo,
             hi=hi,
         )
@@ -114,23 +118,24 @@ class ChannelStats:
         return self.qbuf.shape[1]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor fields, in the order of the op's arguments (``hist_moved`` is not one)."""
         return tuple(getattr(self, f) for f in _TENSOR_FIELDS)
 
     def clone(self) -> ChannelStats:
         return self._map(torch.Tensor.clone)
 
-    def to(self, device) -> ChannelStats:
+    def to(self, device: torch.device | str) -> ChannelStats:
         return self._map(lambda t: t.to(device))
 
-    def _map(self, fn) -> ChannelStats:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ChannelStats:
         return ChannelStats(
-            *(fn(t) for t in self.tensors()),
+            **{f: fn(t) for f, t in zip(_TENSOR_FIELDS, self.tensors())},
             lo=self.lo,
             hi=self.hi,
             spatial_size=self.spatial_size,
             samples=self.samples,
             extra=dict(self.extra),
-            hist_moved=fn(self.hist_moved),
+            hist_moved=None if self.hist_moved is None else fn(self.hist_moved),
         )
 
     def variance(self, unbiased: bool = False) -> torch.Tensor:
@@ -138,19 +143,19 @@ class ChannelStats:
         n = self.count.to(torch.float64) - (1 if unbiased else 0)
         return torch.where(n > 0, self.m2 / n.clamp_min(1), torch.full_like(self.m2, math.nan))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Tensors (on the CPU) and settings, for torch.save (weights_only-loadable)."""
         out = {f: getattr(self, f).cpu() for f in _TENSOR_FIELDS + ("hist_moved",)}
         out.update(lo=self.lo, hi=self.hi, spatial_size=self.spatial_size, samples=self.samples)
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device="cpu") -> ChannelStats:
+    def from_state_dict(cls, sd: dict[str, Any], device: torch.device | str = "cpu") -> ChannelStats:
         """The state saved by :meth:`state_dict`, after :func:`validate_state_dict` (a state read
         from a file is data: every field is checked before any body sees it)."""
         validate_state_dict(sd)
         return cls(
-            *(sd[f].to(device) for f in _TENSOR_FIELDS),
+            **{f: sd[f].to(device) for f in _TENSOR_FIELDS},
             lo=float(sd["lo"]),
             hi=float(sd["hi"]),
             spatial_size=sd["spatial_size"],
@@ -190,7 +195,7 @@ _FIELD_DTYPES = {
 }
 
 
-def validate_state_dict(sd) -> None:
+def validate_state_dict(sd: object) -> None:
     """Raises ValueError unless ``sd`` is a consistent :meth:`ChannelStats.state_dict`: every
     field present with its dtype and shape (``hist_moved`` may be absent); counts >= 0 with
     ``sum(hist[c]) == count[c]``; ``count <= samples * spatial_size``; a finite range with
@@ -274,7 +279,7 @@ def validate_state_dict(sd) -> None:
     if "hist_moved" in sd:  # absent from files written before merges re-binned
         moved = sd["hist_moved"]
         if not isinstance(moved, torch.Tensor) or moved.dtype != torch.int64 or tuple(moved.shape) != (c,):
-            what = (moved.dtype, tuple(moved.shape)) if isinstance(moved, torch.Tensor) else type(moved).__name__
-            raise bad(f"hist_moved must be an int64 tensor of shape ({c},), got {what}")
+            got = (moved.dtype, tuple(moved.shape)) if isinstance(moved, torch.Tensor) else type(moved).__name__
+            raise bad(f"hist_moved must be an int64 tensor of shape ({c},), got {got}")
         if bool((moved < 0).any()) or bool((moved > count).any()):
             raise bad("hist_moved must lie in [0, count] in every channel")
