@@ -15,13 +15,14 @@ the contiguous dimension, with no division per value:
 Each program counts its histogram in registers with ``tl.histogram`` and writes it once (no
 atomic per value); when the columns of a tile's channels do not fit in registers
 (``HIST_REGISTERS``) it falls back to atomics into its own row. The partials are merged in one
-pass on the device (:func:`pyadvk.ops.channel_stats.merge_partials`: a handful of torch ops,
+pass on the device (:func:`pyadvk._channel_merge.merge_partials`: a handful of torch ops,
 whatever the number of groups). The top-k candidates of the batch are selected with one
-``torch.topk`` over composite keys (:func:`~pyadvk.ops.channel_stats.preselect_topk`), the
+``torch.topk`` over composite keys (:func:`~pyadvk._channel_merge.preselect_topk`), the
 quantile buffer's with one ``torch.topk``, and both merged into the state with the reference's tie
-order (:func:`~pyadvk.ops.channel_stats.merge_selection_`). Channels that saw ±inf get the
-moments of :func:`~pyadvk.ops.channel_stats.infinite_moments_`. Everything runs on the
-activations' device (``on_device_of``).
+order (:func:`~pyadvk._channel_merge.merge_selection_`). Channels that saw ±inf get the
+moments of :func:`~pyadvk._channel_merge.infinite_moments_`. Everything runs on the
+activations' device (``on_device_of``). The merge algebra is the leaf pyadvk/_channel_merge.py,
+which the torch body uses too (this module does not import the ops package).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pyadvk._channel_merge import channel_view, infinite_moments_, merge_partials, merge_selection_, preselect_topk
 from pyadvk.kernels import _common
 
 VALUES_PER_PROGRAM = 65536
@@ -297,8 +299,6 @@ def channel_stats_update_triton_(
     lo: float,
     hi: float,
 ) -> None:
-    from pyadvk.ops import channel_stats as cs
-
     N, C = x.shape[0], x.shape[1]
     if N == 0:
         return
@@ -310,38 +310,33 @@ def channel_stats_update_triton_(
         shift = torch.where(count > 0, mean.float(), first_mean).contiguous()
         G, cnt, nan, s1, s2, pmin, pmax, phist = _launch_partials(x, shift, lo, hi, bins)
         old_count = count.clone()
-        total, new_mean, new_m2 = cs.merge_partials(
+        total, new_mean, new_m2 = merge_partials(
             count, mean, m2, shift, cnt.view(C, G).to(torch.int64), s1.view(C, G), s2.view(C, G)
         )
         minimum.copy_(torch.minimum(minimum, pmin.view(C, G).amin(1)))
         maximum.copy_(torch.maximum(maximum, pmax.view(C, G).amax(1)))
         nan_count.add_(nan.view(C, G).sum(1).to(torch.int64))
         hist.add_(phist.view(C, G, bins + 2).sum(1).to(torch.int64))
-        v = cs.channel_view(x)
+        v = channel_view(x)
         valid = ~torch.isnan(v)
-        values, keys, ok = cs.preselect_topk(v, valid, sample_offset * S, topk_values.shape[1])
+        values, keys, ok = preselect_topk(v, valid, sample_offset * S, topk_values.shape[1])
         buffer = None
         if qbuf.shape[1]:
             width = min(qbuf.shape[1], v.shape[1])
             buffer = torch.topk(torch.where(valid, v, float("-inf")), width, dim=1).values
-        state = cs.ChannelStats(
-            count,
-            nan_count,
-            mean,
-            m2,
-            minimum,
-            maximum,
-            hist,
+        merge_selection_(
             topk_values,
             topk_sample,
             topk_pos,
             qbuf,
-            lo=lo,
-            hi=hi,
+            old_count,
+            values,
+            keys,
+            ok,
             spatial_size=S,
+            buffer_candidates=buffer,
         )
-        cs.merge_selection_(state, old_count, values, keys, ok, buffer_candidates=buffer)
         count.copy_(total)
         mean.copy_(new_mean)
         m2.copy_(new_m2)
-        cs.infinite_moments_(mean, m2, minimum, maximum)
+        infinite_moments_(mean, m2, minimum, maximum)

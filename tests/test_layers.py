@@ -25,9 +25,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 KNOWN = {
-    # The Triton body of channel_stats still calls the op's merge algebra: move that code into a
-    # leaf module both import.
-    ("pyadvk.kernels.channel_stats", "pyadvk.ops.channel_stats"): "kernel imports ops",
     # lipschitz_bound recognizes the zoo's residual blocks by class: the blocks could describe
     # their own composition (branch, shortcut, final activation) instead.
     ("pyadvk.lipschitz.model", "pyadvk.models"): "library imports the model zoo",

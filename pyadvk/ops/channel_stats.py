@@ -49,9 +49,10 @@ merged in float64 and the top-k / buffer merge is :func:`merge_topk` (torch sort
 reference).
 
 Files: this module is the op (schema, torch body, checks, dispatch) and re-exports the rest:
-:class:`ChannelStats` and state-dict validation in ``channel_stats_state.py``, the merge algebra and
-:func:`merge_states` / :func:`rebin` in ``channel_stats_merge.py``, :func:`quantile_threshold` in
-``channel_stats_quantiles.py``.
+:class:`ChannelStats` and state-dict validation in ``channel_stats_state.py``, the merge algebra
+the torch and Triton bodies share in ``pyadvk/_channel_merge.py`` (a leaf, which kernels/ imports
+instead of this package), :func:`merge_states` / :func:`rebin` in ``channel_stats_merge.py``,
+:func:`quantile_threshold` in ``channel_stats_quantiles.py``.
 """
 
 from __future__ import annotations
@@ -61,23 +62,20 @@ import math
 import torch
 
 from pyadvk import _backend, _checks
-from pyadvk._layout import dense_format
-from pyadvk.ops._library import define
-from pyadvk.ops.channel_stats_merge import (
+from pyadvk._channel_merge import (
     bin_columns,
     chan_merge,
     channel_view,
-    dyadic_range,
     infinite_moments_,
     merge_buffers,
     merge_partials,
     merge_selection_,
-    merge_states,
     merge_topk,
-    merged_range,
     preselect_topk,
-    rebin,
 )
+from pyadvk._layout import dense_format
+from pyadvk.ops._library import define
+from pyadvk.ops.channel_stats_merge import dyadic_range, merge_states, merged_range, rebin
 from pyadvk.ops.channel_stats_quantiles import check_quantile, quantile_capacity, quantile_threshold
 from pyadvk.ops.channel_stats_state import ChannelStats, validate_state_dict
 
@@ -178,23 +176,7 @@ def channel_stats_update_reference(
     hist.add_(torch.zeros_like(hist).scatter_add_(1, cols, valid.to(torch.int64)))
     nan_count.add_((~valid).sum(1))
     keys = (sample_offset * spatial + torch.arange(v.shape[1], device=v.device)).expand(c, -1)
-    state = ChannelStats(
-        count,
-        nan_count,
-        mean,
-        m2,
-        minimum,
-        maximum,
-        hist,
-        topk_values,
-        topk_sample,
-        topk_pos,
-        qbuf,
-        lo=lo,
-        hi=hi,
-        spatial_size=max(spatial, 1),
-    )
-    merge_selection_(state, old_count, v, keys, valid)
+    merge_selection_(topk_values, topk_sample, topk_pos, qbuf, old_count, v, keys, valid, spatial_size=max(spatial, 1))
     count.copy_(new_n)
     mean.copy_(new_mean)
     m2.copy_(new_m2)
