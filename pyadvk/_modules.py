@@ -1,15 +1,25 @@
 """Helpers on nn.Modules shared by every layer of pyadvk (a leaf: it imports nothing of pyadvk):
 reading a named layer's output (name resolution with a clear error, forward hooks that capture
-outputs), running models in eval mode with each module's mode restored afterwards, and the device
-a model lives on."""
+outputs), running models in eval mode with each module's mode restored afterwards, the device a
+model lives on, and how attacks, metrics and explanations run a model: its state left exactly as
+found (:func:`preserved_state`) and input gradients available under ``torch.inference_mode()``
+(:func:`guarded`, :func:`ordinary`, :func:`guarded_call`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
+
+# ids of the modules whose state an enclosing preserved_state() already restores (nested attacks,
+# such as AutoAttack's components, then copy nothing again)
+_GUARDED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("pyadvk_guarded", default=frozenset())
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -105,3 +115,66 @@ def model_device(model) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _distinct_modules(models: Iterable[object]) -> list[nn.Module]:
+    seen: dict[int, nn.Module] = {}
+    for model in models:
+        if isinstance(model, nn.Module):
+            for m in model.modules():
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+@contextmanager
+def preserved_state(models: Iterable[object]) -> Iterator[None]:
+    """Restores every buffer and every submodule's ``training`` flag of ``models`` on exit (also
+    on an exception): a buffer written in place gets its old values back, a buffer replaced gets
+    its old tensor back. Costs two copies of the buffers (not the parameters)."""
+    guarded = _GUARDED.get()
+    modules = [m for m in _distinct_modules(models) if id(m) not in guarded]
+    if not modules:
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for m in modules:
+            buffers = [(name, b, b.clone()) for name, b in m._buffers.items() if b is not None]
+            saved.append((m, m.training, buffers))
+    token = _GUARDED.set(guarded | {id(m) for m in modules})
+    try:
+        yield
+    finally:
+        _GUARDED.reset(token)
+        with torch.no_grad():
+            for m, training, buffers in saved:
+                m.training = training
+                for name, b, copy in buffers:
+                    m._buffers[name] = b
+                    b.copy_(copy)  # always: ops such as batch_norm write in place without a version bump
+
+
+@contextmanager
+def guarded(models: Iterable[object]) -> Iterator[None]:
+    """The models' state preserved (:func:`preserved_state`) and, under ``torch.inference_mode()``,
+    inference mode off and gradients on inside, so that input gradients can be taken there."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.enable_grad(), preserved_state(models):
+            yield
+    else:
+        with preserved_state(models):
+            yield
+
+
+def ordinary(t: T) -> T:
+    """An inference tensor (made under ``torch.inference_mode()``, which autograd cannot save)
+    cloned into an ordinary one; anything else as it is. Call it inside :func:`guarded`."""
+    if isinstance(t, torch.Tensor) and t.is_inference():
+        return t.clone()  # type: ignore[return-value]
+    return t
+
+
+def guarded_call(models: Iterable[object], fn: Callable[..., T], images, labels) -> T:
+    """``fn(images, labels)`` inside :func:`guarded`, with inference-mode inputs cloned out of it."""
+    with guarded(models):
+        return fn(ordinary(images), ordinary(labels))

@@ -28,12 +28,6 @@ KNOWN = {
     # lipschitz_bound recognizes the zoo's residual blocks by class: the blocks could describe
     # their own composition (branch, shortcut, final activation) instead.
     ("pyadvk.lipschitz.model", "pyadvk.models"): "library imports the model zoo",
-    # The attacks' helpers that keep a model's state and work under inference mode are used by the
-    # metrics and explanations too: they belong with the other module helpers in pyadvk/_modules.py.
-    ("pyadvk.explain", "pyadvk.attacks._common"): "imports another package's private _common",
-    ("pyadvk.metrics.ara", "pyadvk.attacks._common"): "imports another package's private _common",
-    ("pyadvk.metrics.evaluate", "pyadvk.attacks._common"): "imports another package's private _common",
-    ("pyadvk.metrics.robustness", "pyadvk.attacks._common"): "imports another package's private _common",
 }
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk._modules import guarded_call
 from pyadvk.attacks import _common
 from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
@@ -154,7 +155,7 @@ class L2Min:
             images: (B, ...) float in ``[lower, upper]`` (for ``procedure="reference"`` too, whose
                 walk then leaves the box); labels: (B,) class indices of any integer dtype.
         """
-        return _common.guarded_call([self.model], self._checked_call, images, labels)
+        return guarded_call([self.model], self._checked_call, images, labels)
 
     def _checked_call(self, images: torch.Tensor, labels: torch.Tensor) -> L2MinResult:
         _common.check_inputs(images, labels, self.lower, self.upper)

@@ -18,6 +18,7 @@ from torch import nn
 
 from pyadvk import _checks
 from pyadvk._backend import get_backend
+from pyadvk._modules import guarded_call
 from pyadvk.attacks import _common, _graphs
 from pyadvk.nn.normalize import NormalizeArg, as_normalize, with_normalization
 from pyadvk.ops import pgd as _pgd
@@ -90,7 +91,7 @@ class Attack:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The adversarial images: :meth:`forward` after the input checks, with the model's state
         preserved and out of inference mode (see the class docstring)."""
-        return _common.guarded_call(self.guarded_models(), self._checked_forward, images, labels)
+        return guarded_call(self.guarded_models(), self._checked_forward, images, labels)
 
     def _checked_forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_inputs(images, labels)

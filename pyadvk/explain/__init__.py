@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.attacks import _common
+from pyadvk._modules import guarded, ordinary
 from pyadvk.attacks.l2min import rms
 from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
@@ -88,8 +88,8 @@ def adversarial_explanation(
     the box) and the explanation stay in pixel space. The model's buffers and train/eval flags are
     left as found, and a call under ``torch.inference_mode()`` works."""
     model = with_normalization(model, normalize)
-    with _common.guarded([model]):
-        return _explain(model, _common.ordinary(x), targets, labels, rho, steps, overshoot, lower, upper)
+    with guarded([model]):
+        return _explain(model, ordinary(x), targets, labels, rho, steps, overshoot, lower, upper)
 
 
 def _explain(
@@ -160,8 +160,8 @@ def saliency(
     is taken with respect to the pixels ``x``. The model's state is left as found."""
     _checks.tensor("x", x)
     model = with_normalization(model, normalize)
-    with _common.guarded([model]):
-        x = _common.ordinary(x).detach().requires_grad_(True)
+    with guarded([model]):
+        x = ordinary(x).detach().requires_grad_(True)
         with torch.enable_grad():
             logp = model(x).float().log_softmax(dim=1)
             t = logp.argmax(dim=1) if target is None else target.to(x.device, torch.long)

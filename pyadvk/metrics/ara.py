@@ -40,8 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
-from pyadvk._modules import model_device
-from pyadvk.attacks import _common
+from pyadvk._modules import guarded, model_device, ordinary
 from pyadvk.attacks.fab import FAB
 from pyadvk.attacks.l2min import CRITERIA, PROCEDURES, L2Min
 from pyadvk.nn.normalize import Normalize, NormalizeArg, with_normalization
@@ -327,11 +326,11 @@ def ara(
     distances, winners = [], []
     late = 0
     seen = 0
-    with _common.guarded([model]):
+    with guarded([model]):
         for images, labels in loader:
             if n is not None:
                 images, labels = images[: n - seen], labels[: n - seen]
-            images, labels = _common.ordinary(images.to(device)), _common.ordinary(labels.to(device))
+            images, labels = ordinary(images.to(device)), ordinary(labels.to(device))
             if num_classes is None:
                 with torch.no_grad():
                     num_classes = model(images[:1]).shape[1]

@@ -49,8 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks
-from pyadvk._modules import model_device
-from pyadvk.attacks import _common
+from pyadvk._modules import guarded, model_device
 from pyadvk.attacks.apgd import APGD
 from pyadvk.attacks.autoattack import MIN_CLASSES, AutoAttack
 from pyadvk.attacks.pgd import PGD
@@ -361,7 +360,7 @@ def evaluate(
     model = with_normalization(model, normalize)
     for _, attack in pairs:
         check_attack_normalization(attack, model)
-    with _common.guarded([model]):
+    with guarded([model]):
         images, labels, batch = _collect(loader, n)
         total = len(labels)
         lo, hi = float(images.min()), float(images.max())

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pyadvk import _checks, distributed
-from pyadvk._modules import model_device
-from pyadvk.attacks import PGD, _common
+from pyadvk._modules import guarded, model_device, ordinary
+from pyadvk.attacks import PGD
 from pyadvk.metrics.ara import check_attack_normalization
 from pyadvk.nn.normalize import NormalizeArg, with_normalization
 
@@ -72,9 +72,9 @@ def _count(model, loader, attack, n, device, progress, desc) -> Accuracy:
     device = torch.device(device) if device is not None else model_device(model)
     correct = total = 0
     bar = tqdm(_batches(loader, n, device), desc=desc, leave=False, disable=not progress or not distributed.is_main())
-    with _common.guarded([model]):
+    with guarded([model]):
         for images, labels in bar:
-            images, labels = _common.ordinary(images), _common.ordinary(labels)
+            images, labels = ordinary(images), ordinary(labels)
             x = images if attack is None else attack(images, labels)
             with torch.no_grad():
                 correct += int((model(x).argmax(dim=1) == labels).sum())
