@@ -11,6 +11,7 @@ last round with repeated samples, which would count them twice).
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 
 import torch
 import torch.distributed as dist
@@ -113,7 +114,10 @@ class ShardSampler(Sampler[int]):
 def shard_loader(
     dataset: Dataset, batch_size: int, *, n: int | None = None, shuffle: bool = False, seed: int = 0, **kwargs
 ) -> DataLoader:
-    """A DataLoader over this rank's share of the first ``n`` items (all by default)."""
+    """A DataLoader over this rank's share of the first ``n`` items (all by default) of a map-style
+    ``dataset`` (one with a len())."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"dataset must be a map-style Dataset with a len(), got {type(dataset).__name__}")
     total = len(dataset) if n is None else min(n, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(total, shuffle=shuffle, seed=seed), **kwargs)
 
@@ -122,6 +126,7 @@ def check_loader(loader: DataLoader) -> None:
     """Rejects a padding DistributedSampler, whose repeated samples would be counted twice."""
     sampler = getattr(loader, "sampler", None)
     if is_distributed() and isinstance(sampler, DistributedSampler):
+        assert isinstance(sampler.dataset, Sized)  # DistributedSampler took its len()
         size = len(sampler.dataset)
         if size % sampler.num_replicas and not sampler.drop_last:
             raise ValueError(

@@ -86,10 +86,11 @@ def load_runner(suite: Path):
     if root not in sys.path:
         sys.path.insert(0, root)
     runner = importlib.import_module("benchmarks.runner")
-    if Path(runner.__file__).resolve().parent != suite:
+    where = Path(runner.__file__ or "<no file>")
+    if where.resolve().parent != suite:
         raise UserError(
             f"--suite {suite}: another package named 'benchmarks' is imported from "
-            f"{Path(runner.__file__).parent}; run pyadvk bench from the checkout instead"
+            f"{where.parent}; run pyadvk bench from the checkout instead"
         )
     return runner
 

@@ -232,13 +232,13 @@ def run(args) -> int:
         f"at rho={args.rho:g} on the first {len(reach_images)} images; fused step backend '{step_backend}'"
         f"\n{header}\n{'-' * len(header)}"
     )
-    for name, r in results.items():
+    for name, res in results.items():
         print(
-            f"{name:<9} {r['clean_accuracy']:>6.3f} {r['pgd_accuracy']:>6.3f} {r['pgd_accuracy_on_eval_images']:>6.3f} "
-            f"{r['autoattack_accuracy']:>6.3f} "
-            f"{r['attack_ara']:>11.4f} {r['btr_ara']:>8.4f} {r['mean_reached_p_target']:>5.2f} "
-            f"{r['lipschitz_bound']:>11.3g} {r['train_seconds']:>8.0f}  "
-            f"{'warn: ' + ', '.join(r['evaluation_warnings']) if r['evaluation_warnings'] else 'pass'}"
+            f"{name:<9} {res['clean_accuracy']:>6.3f} {res['pgd_accuracy']:>6.3f} "
+            f"{res['pgd_accuracy_on_eval_images']:>6.3f} {res['autoattack_accuracy']:>6.3f} "
+            f"{res['attack_ara']:>11.4f} {res['btr_ara']:>8.4f} {res['mean_reached_p_target']:>5.2f} "
+            f"{res['lipschitz_bound']:>11.3g} {res['train_seconds']:>8.0f}  "
+            f"{'warn: ' + ', '.join(res['evaluation_warnings']) if res['evaluation_warnings'] else 'pass'}"
         )
     print("\nfused PGD step, 128×3×32×32 float32, in place:")
     for row in steps:
