@@ -185,3 +185,29 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 2
     return code, capsys.readouterr().err
+
+
+def boundary_rows(
+    rows, dims, dtype, seed, *, box=(0.0, 1.0), ties=False, zeros=0.0, faces=0.0, scale=1.0, device="cpu"
+):
+    """Inputs of the boundary projection (tests/test_boundary_projection*.py): (x, w, b), rows of x
+    in the box, normals w, offsets b = scale·√D·N(0, 1) (large scales make the hyperplane miss the
+    box). ``ties``: x on 4 levels and w in {±0.5, ±1} (equal breakpoints);
+    ``zeros``/``faces``: the share of w set to 0 / of x set to a bound (the last row's w all 0 when
+    zeros > 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = box
+    if ties:
+        x = lo + (hi - lo) * torch.randint(0, 4, (rows, dims), generator=gen).double() / 3
+        w = torch.tensor([-1.0, -0.5, 0.5, 1.0], dtype=torch.float64)[torch.randint(0, 4, (rows, dims), generator=gen)]
+    else:
+        x = lo + (hi - lo) * torch.rand(rows, dims, generator=gen, dtype=torch.float64)
+        w = torch.randn(rows, dims, generator=gen, dtype=torch.float64)
+    on_face = torch.rand(rows, dims, generator=gen) < faces
+    upper_face = torch.rand(rows, dims, generator=gen) < 0.5
+    x = torch.where(on_face, torch.where(upper_face, hi, lo), x)
+    w = torch.where(torch.rand(rows, dims, generator=gen) < zeros, 0.0, w)
+    if zeros > 0:
+        w[-1] = 0.0
+    b = torch.randn(rows, generator=gen, dtype=torch.float64) * scale * math.sqrt(dims)
+    return tuple(t.to(dtype=dtype, device=device) for t in (x, w, b))

@@ -16,3 +16,4 @@
 #include "pgd.h"
 #include "power_iteration.h"
 #include "channel_stats.h"
+#include "boundary_projection.h"

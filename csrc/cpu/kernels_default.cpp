@@ -8,5 +8,6 @@ namespace cpu_default {
 #include "cpu/half_huber_kernels.inc"
 #include "cpu/power_iteration_kernels.inc"
 #include "cpu/channel_stats_kernels.inc"
+#include "cpu/boundary_projection_kernels.inc"
 }  // namespace cpu_default
 }  // namespace pyadvk

@@ -65,6 +65,8 @@ class DeepFool(MinimalAttack):
             (``torch.bfloat16`` or ``torch.float16``; ``None``: full precision); the linearisation,
             projection and step stay in the images' dtype.
         channels_last: feed the model 4-D images in channels_last memory format.
+        backend: force a body of the boundary projection ("cuda", "triton", "cpp", "torch";
+            :func:`pyadvk.ops.boundary_projection`).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class DeepFool(MinimalAttack):
         normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        backend: str | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -91,6 +94,7 @@ class DeepFool(MinimalAttack):
             normalize=normalize,
             autocast=autocast,
             channels_last=channels_last,
+            backend=backend,
         )
         self.steps = _checks.integer("steps", steps, low=1)
         self.overshoot = _checks.real("overshoot", overshoot, low=0.0)
@@ -132,7 +136,9 @@ class DeepFool(MinimalAttack):
             closest = dist.argmin(dim=1)
             f, w = diffs[rows, closest], normals[rows, closest]
             flat = x.reshape(batch, -1)
-            delta = project_boundary(flat, w, f - (w * flat).sum(dim=1), self.lower, self.upper, self.norm)
+            delta = project_boundary(
+                flat, w, f - (w * flat).sum(dim=1), self.lower, self.upper, self.norm, backend=self.backend
+            )
             total = torch.where(running[:, None], total + delta, total)
             x = (flat0 + (1 + self.overshoot) * total).clamp(self.lower, self.upper).view_as(x0)
         else:

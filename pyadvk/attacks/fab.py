@@ -93,6 +93,8 @@ class FAB(MinimalAttack):
             (``torch.bfloat16`` or ``torch.float16``; ``None``: full precision); the linearisation,
             projection and step stay in the images' dtype.
         channels_last: feed the model 4-D images in channels_last memory format.
+        backend: force a body of the boundary projection ("cuda", "triton", "cpp", "torch";
+            :func:`pyadvk.ops.boundary_projection`).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class FAB(MinimalAttack):
         normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        backend: str | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -124,6 +127,7 @@ class FAB(MinimalAttack):
             normalize=normalize,
             autocast=autocast,
             channels_last=channels_last,
+            backend=backend,
         )
         self.steps = _checks.integer("steps", steps, low=1)
         self.targeted = bool(targeted)
@@ -224,6 +228,7 @@ class FAB(MinimalAttack):
                 self.lower,
                 self.upper,
                 self.norm,
+                backend=self.backend,
             )
             delta, delta0 = deltas[:batch], deltas[batch:]
             size, size0 = norm_of(delta, self.norm), norm_of(delta0, self.norm)

@@ -15,9 +15,10 @@ coordinate ``i`` may move in the useful direction). The minimiser is, for a scal
   ``τ_i = reach_i``.
 
 In both, ``w'·δ(τ) = g(τ) = Σ_i v_i·min(τ, τ_i)`` with ``v_i = w_i²`` (L2) or ``|w_i|`` (L∞): a
-concave, piecewise-linear, non-decreasing function. Sorting the breakpoints ``τ_i`` gives
-``g`` at each of them by two cumulative sums; the segment where ``g`` crosses ``|r|`` gives
-``τ`` in closed form (no iteration, exact up to rounding). If ``|r| > g(∞)`` the hyperplane does
+concave, piecewise-linear, non-decreasing function. The segment where ``g`` crosses ``|r|`` gives ``τ`` in
+closed form (exact up to rounding): the op :mod:`pyadvk.ops.boundary_projection` finds it by
+sorting the breakpoints ``τ_i`` (its torch reference) or by a bisection on ``τ`` without a sort
+(its cpp, cuda and triton bodies), in float64 whatever the input dtype. If ``|r| > g(∞)`` the hyperplane does
 not meet the box and ``δ(∞)`` (every coordinate at its reach) is returned: the box point
 closest to the hyperplane along ``w``, as FAB's paper prescribes for that case.
 """
@@ -35,6 +36,7 @@ from pyadvk import _checks
 from pyadvk.attacks import _common
 from pyadvk.attacks.pgd import Attack
 from pyadvk.nn.normalize import NormalizeArg
+from pyadvk.ops.boundary_projection import boundary_projection
 
 NORMS = ("linf", "l2")
 Model = Callable[[torch.Tensor], torch.Tensor]  # images (B, ...) -> logits (B, C)
@@ -93,53 +95,34 @@ def dual_norm_of(t: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def project_boundary(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lower: float, upper: float, norm: str
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    lower: float,
+    upper: float,
+    norm: str,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Smallest ``δ`` with ``w·(x + δ) + b = 0`` and ``lower <= x + δ <= upper`` (see the module
-    docstring for the closed form).
+    docstring for the closed form): the fused op :func:`pyadvk.ops.boundary_projection`.
 
     Args:
         x: (..., D) points in the box, batched over any leading dims (images, classes).
-        w: (..., D) hyperplane normals; ``b``: (...) offsets.
+        w: (..., D) hyperplane normals; ``b``: (...) offsets. The three are projected in their
+            promoted dtype (float32 where that is float16 or bfloat16) and δ returned in x's.
         norm: ``"l2"`` or ``"linf"``, the norm of ``δ`` that is minimised.
+        backend: force a body ("cuda", "triton", "cpp", "torch").
 
     Returns:
         δ of shape (..., D). Where the hyperplane misses the box, the ``δ`` that moves every
         coordinate to its bound along ``−sign(w·x + b)·w``; where ``w = 0``, ``δ = 0``.
     """
-    r = (w * x).sum(dim=-1) + b
-    sign = torch.where(r > 0, -1.0, 1.0).to(w.dtype)  # direction in which w·δ must grow
-    ws = w * sign[..., None]
-    reach = torch.where(ws > 0, upper - x, x - lower).clamp_min(0.0)
-    active = ws != 0
-    absw = ws.abs()
-    if norm == "l2":
-        v = ws * ws
-        tau_i = torch.where(active, reach / torch.where(active, absw, 1.0), torch.inf)
-    else:
-        v = absw
-        tau_i = torch.where(active, reach, torch.inf)
-    order_tau, order = tau_i.sort(dim=-1)
-    order_v = v.gather(-1, order)
-    capped = torch.where(torch.isfinite(order_tau), order_v * order_tau, 0.0)
-    below = capped.cumsum(dim=-1)  # Σ v_j τ_j over breakpoints <= τ_(k)
-    suffix = order_v.flip(-1).cumsum(dim=-1).flip(-1)  # Σ v_j over breakpoints >= τ_(k)
-    total = suffix[..., :1]
-    above = torch.cat([suffix[..., 1:], torch.zeros_like(total)], dim=-1)  # ... > τ_(k), exactly 0 at the end
-    g = below + torch.where(above > 0, order_tau, 0.0).nan_to_num(posinf=0.0) * above
-    target = r.abs()[..., None]
-    k = (g < target).sum(dim=-1, keepdim=True)  # first breakpoint where g reaches |r|
-    dims = x.shape[-1]
-    prev = (k - 1).clamp_min(0)
-    below_prev = torch.where(k > 0, below.gather(-1, prev), 0.0)
-    above_prev = torch.where(k > 0, above.gather(-1, prev), total)
-    feasible = (k < dims) & (above_prev > 0)
-    tau = torch.where(feasible, (target - below_prev) / torch.where(feasible, above_prev, 1.0), torch.inf)
-    step = torch.minimum(tau, tau_i)
-    step = torch.where(active, step, 0.0)
-    if norm == "l2":
-        return ws * step
-    return torch.sign(ws) * step
+    dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), b.dtype)
+    if dtype != torch.float64:
+        dtype = torch.float32  # the op's dtypes; float16/bfloat16 inputs are projected in float32
+    delta = boundary_projection(x.to(dtype), w.to(dtype), b.to(dtype), lower, upper, norm, backend=backend)
+    return delta.to(x.dtype)
 
 
 def logit_jacobian(
@@ -228,6 +211,7 @@ class MinimalAttack(Attack):
         normalize: NormalizeArg = None,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        backend: str | None = None,
     ) -> None:
         if eps is not None:
             eps = _checks.real("eps", eps, low=0.0)
@@ -240,6 +224,7 @@ class MinimalAttack(Attack):
             normalize=normalize,
             autocast=autocast,
             channels_last=channels_last,
+            backend=backend,
         )
         self.eps = eps  # type: ignore[assignment]  # None: no radius (only .minimal may be called)
 

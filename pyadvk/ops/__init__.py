@@ -3,6 +3,7 @@ kernel, public wrapper); its compiled bodies are in csrc/ and its Triton body in
 
 from pyadvk import _extension
 from pyadvk.ops.apgd import apgd_step, apgd_step_
+from pyadvk.ops.boundary_projection import boundary_projection
 from pyadvk.ops.channel_stats import ChannelStats, channel_stats_update, quantile_threshold
 from pyadvk.ops.half_huber import half_huber_relu
 from pyadvk.ops.pgd import pgd_step, pgd_step_, random_init
@@ -14,6 +15,7 @@ _extension.load()
 __all__ = [
     "apgd_step",
     "apgd_step_",
+    "boundary_projection",
     "ChannelStats",
     "channel_stats_update",
     "half_huber_relu",
