@@ -236,9 +236,9 @@ def _launch(linf: bool, x, x_prev, x_orig, grad, eta, eta_t, eps, eps_t, momentu
     with on_device_of(x):
         if linf:
             D = x.numel() // B
-            grid = lambda meta: (B * triton.cdiv(D, meta["BLOCK"]),)  # noqa: E731
-            args = (x, x_prev, x_orig, grad, out, eta_ptr, eps_ptr, D, *scalars, size_class(x.numel()))
-            wrap_triton(_linf_kernel)[grid](*args, **flags, **unfused(x))
+            linf_grid = lambda meta: (B * triton.cdiv(D, meta["BLOCK"]),)  # noqa: E731
+            linf_args = (x, x_prev, x_orig, grad, out, eta_ptr, eps_ptr, D, *scalars, size_class(x.numel()))
+            wrap_triton(_linf_kernel)[linf_grid](*linf_args, **flags, **unfused(x))
             return
         D, per_sample, block = plan(x)
         grid = (B * per_sample,)

@@ -184,7 +184,10 @@ class _Plan:
     """The offset tables of one set of weights, in one int64 tensor on their device."""
 
     def __init__(self, shapes: list[tuple[int, int]], w_offsets: list[int], device: torch.device, *, traced: bool):
-        meta, col, row, tiles = [], [], [], []
+        meta: list[int] = []
+        col: list[int] = []
+        row: list[int] = []
+        tiles: list[int] = []
         u_total = v_total = part_total = 0
         for i, ((m, n), w_off) in enumerate(zip(shapes, w_offsets)):
             c0 = len(col) // 3
@@ -239,7 +242,8 @@ def _eager_plan(weights: list[torch.Tensor]) -> _Plan | None:
             "building one copies a table to the device, which cannot happen during CUDA graph capture: call it "
             "once with the same weights before capturing"
         )
-    plan = _Plan([tuple(w.shape) for w in weights], [(w.data_ptr() - base) // size for w in weights], dev, traced=False)
+    shapes = [(w.shape[0], w.shape[1]) for w in weights]
+    plan = _Plan(shapes, [(w.data_ptr() - base) // size for w in weights], dev, traced=False)
     _PLANS[key] = plan
     if len(_PLANS) > CACHE_ENTRIES:
         _PLANS.popitem(last=False)
@@ -264,7 +268,7 @@ def power_iteration_packed_triton(
         offsets = [0]
         for x in weights[:-1]:
             offsets.append(offsets[-1] + x.numel())
-        plan = _Plan([tuple(x.shape) for x in weights], offsets, dev, traced=traced)
+        plan = _Plan([(x.shape[0], x.shape[1]) for x in weights], offsets, dev, traced=traced)
     else:
         w = weights[0]
     with _device_context(dev):
