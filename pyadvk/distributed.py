@@ -11,7 +11,8 @@ last round with repeated samples, which would count them twice).
 from __future__ import annotations
 
 import os
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ class ShardSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self._order()[self.rank :: self.world])
 
     def __len__(self) -> int:
@@ -112,7 +113,7 @@ class ShardSampler(Sampler[int]):
 
 
 def shard_loader(
-    dataset: Dataset, batch_size: int, *, n: int | None = None, shuffle: bool = False, seed: int = 0, **kwargs
+    dataset: Dataset, batch_size: int, *, n: int | None = None, shuffle: bool = False, seed: int = 0, **kwargs: Any
 ) -> DataLoader:
     """A DataLoader over this rank's share of the first ``n`` items (all by default) of a map-style
     ``dataset`` (one with a len())."""

@@ -22,11 +22,12 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from pyadvk.cli.common import UserError, check_output_dir
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run the benchmark suite and report time, bandwidth, speedups",
@@ -79,7 +80,7 @@ def find_suite(path: str | None) -> Path:
     return suite
 
 
-def load_runner(suite: Path):
+def load_runner(suite: Path) -> ModuleType:
     """Imports ``benchmarks.runner`` from ``suite`` (its parent goes first on sys.path: the bench
     files import ``benchmarks.conftest``)."""
     root = str(suite.parent)
@@ -95,6 +96,6 @@ def load_runner(suite: Path):
     return runner
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     check_output_dir("--out", None if args.list else args.out, ("bench.json", "bench.md", "bench.png", "pytest.log"))
     return load_runner(find_suite(args.suite)).run(args)

@@ -15,11 +15,15 @@ explanation grid per model, ``fused_step.json`` (the fused PGD step on every bac
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from pyadvk import _backend, data, explain, metrics, models, train
@@ -31,7 +35,7 @@ from pyadvk.metrics.evaluate import evaluate
 from pyadvk.ops import pgd as pgd_ops
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
+def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -44,7 +48,7 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fused_step_table(device: torch.device, shape=(128, 3, 32, 32)) -> list[dict]:
+def fused_step_table(device: torch.device, shape: Sequence[int] = (128, 3, 32, 32)) -> list[dict[str, Any]]:
     """The fused in-place PGD step on every backend that runs here, timed, and its largest
     difference to the torch body."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -87,7 +91,12 @@ class _Laps:
 
 
 @torch.no_grad()
-def _per_image(model, loader, attack, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_image(
+    model: nn.Module,
+    loader: DataLoader,
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image of ``loader``, in order: classified correctly clean, and after ``attack``."""
     clean, robust = [], []
     for images, labels in loader:
@@ -97,7 +106,8 @@ def _per_image(model, loader, attack, device: torch.device) -> tuple[torch.Tenso
     return torch.cat(clean), torch.cat(robust)
 
 
-def configurations(args) -> dict:
+def configurations(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[nn.Module], Any]]]:
+    """The three trainings the demo compares: name -> (activation, model -> training loss)."""
     eps = args.eps
     alpha = 2.5 * eps / args.train_steps
     pgd = functools.partial(train.pgd_adversarial_loss, eps=eps, alpha=alpha, steps=args.train_steps)
@@ -113,7 +123,7 @@ def configurations(args) -> dict:
     }
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_output_dir("--out", args.out, ("results.json", "ara.png", "fused_step.json"))
     os.makedirs(args.out, exist_ok=True)
@@ -130,7 +140,8 @@ def run(args) -> int:
     aa_set = torch.utils.data.Subset(test_set, range(min(args.eval_images or len(test_set), len(test_set))))
     reach_images, reach_labels = next(iter(DataLoader(test_set, batch_size=args.reach_images)))
     print(f"data: scikit-learn digits, {len(train_set)} train / {len(test_set)} test images, 1×16×16")
-    results, ara_curves = {}, []
+    results: dict[str, dict[str, Any]] = {}
+    ara_curves = []
     for name, (activation, make_loss) in configurations(args).items():
         torch.manual_seed(args.seed)
         model = models.SmallCNN(1, 10, 16, width=args.width, activation=activation).to(device)
@@ -250,7 +261,7 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="train and compare standard, adversarial and robust models (make demo)",

@@ -3,6 +3,7 @@ optional top-patch PNGs), sharded over ranks under torchrun and merged exactly."
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -83,7 +84,7 @@ def _consistency_report(args, model, dataset, total, layers, device) -> dict:
     return report
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     common.check_output_dir("--out", args.out, ("stats.json", "stats.pt"))
     device = common.device_from(args)
     if args.consistency is not None and not args.consistency > 0:
@@ -150,7 +151,7 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats",
         help="per-neuron activation statistics of named layers",

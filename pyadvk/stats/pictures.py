@@ -168,7 +168,9 @@ def _square_box(
     return max(0, cy - half), max(0, cx - half), min(h, cy - half + size), min(w, cx - half + size)
 
 
-def _crop(img: torch.Tensor, box: tuple[int, int, int, int] | None):
+def _crop(
+    img: torch.Tensor, box: tuple[int, int, int, int] | None
+) -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
     """The box with a margin of a quarter of its size (clipped to the image), and the box in the
     crop's coordinates; the whole image and None without a box."""
     if box is None:
