@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyadvk.lipschitz.model import LipschitzParts
+
 FORMAT = "pyadvk-model/1"
 
 
@@ -93,6 +95,10 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def lipschitz_parts(self) -> LipschitzParts:
+        """The forward for :func:`pyadvk.lipschitz.lipschitz_bound`: features, then classifier."""
+        return LipschitzParts(branch=("features", "classifier"))
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -112,6 +118,10 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = self.act1(self.bn1(self.conv1(x)))
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    def lipschitz_parts(self) -> LipschitzParts:
+        """The forward for :func:`pyadvk.lipschitz.lipschitz_bound`: ``act2(branch(x) + shortcut(x))``."""
+        return LipschitzParts(branch=("conv1", "bn1", "act1", "conv2", "bn2"), shortcut="shortcut", activation="act2")
 
 
 class Bottleneck(nn.Module):
@@ -137,6 +147,14 @@ class Bottleneck(nn.Module):
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         return self.act3(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+    def lipschitz_parts(self) -> LipschitzParts:
+        """The forward for :func:`pyadvk.lipschitz.lipschitz_bound`: ``act3(branch(x) + shortcut(x))``."""
+        return LipschitzParts(
+            branch=("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3"),
+            shortcut="shortcut",
+            activation="act3",
+        )
 
 
 class ResNet(nn.Module):
@@ -167,6 +185,11 @@ class ResNet(nn.Module):
     def forward(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+    def lipschitz_parts(self) -> LipschitzParts:
+        """The forward for :func:`pyadvk.lipschitz.lipschitz_bound`: stem, the four stages, pool and
+        fc in order (the flatten between pool and fc moves no value: Lipschitz constant 1)."""
+        return LipschitzParts(branch=("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc"))
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3, activation: str = "relu") -> ResNet:

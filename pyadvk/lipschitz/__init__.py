@@ -4,13 +4,14 @@ Lipschitz penalty for training, and the robust-training additions of Woods et al
 input-gradient penalty and its adaptive weight)."""
 
 from pyadvk.lipschitz.conv import ConvNormState, conv_norm_bound, conv_operator_norm
-from pyadvk.lipschitz.model import SpectralNormState, clear_state, lipschitz_bound, spectral_norms
+from pyadvk.lipschitz.model import LipschitzParts, SpectralNormState, clear_state, lipschitz_bound, spectral_norms
 from pyadvk.lipschitz.penalty import LipschitzPenalty
 from pyadvk.lipschitz.robust import AdaptivePsi, input_gradient_penalty
 
 __all__ = [
     "AdaptivePsi",
     "ConvNormState",
+    "LipschitzParts",
     "LipschitzPenalty",
     "SpectralNormState",
     "clear_state",

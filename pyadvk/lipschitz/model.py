@@ -21,10 +21,16 @@ iterations each time.
 
 Lipschitz bound rules (:func:`lipschitz_bound`; every rule is an upper bound in the 2-norm):
 
-* composition (``nn.Sequential``, the ``forward`` of pyadvk's SmallCNN and ResNet): product;
+* composition (``nn.Sequential``): product;
 * Linear / Conv: the layer's norm (bias ignored);
-* residual blocks (pyadvk.models BasicBlock / Bottleneck): ``L(out activation) · (L(branch) +
-  L(shortcut))``, an identity shortcut counting 1, so ``1 + branch bound``;
+* a module that describes its forward with a method ``lipschitz_parts()`` returning a
+  :class:`LipschitzParts` ``(branch, shortcut, activation)`` of child names, its forward being
+  ``activation(branch(x) + shortcut(x))`` with ``branch`` the composition of its children in
+  order: ``L(activation) · (L(branch) + L(shortcut))`` with ``L(branch)`` the product; no
+  shortcut (None) leaves ``L(branch)``, no activation (None) counts 1, an identity shortcut
+  (``nn.Sequential()``, ``nn.Identity()``) counts 1, so ``1 + branch bound``. The models of
+  :mod:`pyadvk.models` describe themselves so (SmallCNN and ResNet as compositions, BasicBlock
+  and Bottleneck as residual blocks); any other module can too (the bound does not import them);
 * BatchNorm (eval-mode function, running statistics): ``max |γ / sqrt(running_var + eps)|``;
 * ReLU, ReLU6, Hardtanh, Tanh, Softplus, HalfHuberReLU, Identity, Flatten, Dropout (eval): 1;
   LeakyReLU: ``max(1, |slope|)``; ELU/CELU: ``max(1, α)``; Sigmoid: 1/4; GELU: 1.129; SiLU: 1.1;
@@ -39,16 +45,17 @@ Any other module raises a TypeError naming it (the bound cannot know what its fo
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from pyadvk import _checks
+from pyadvk._modules import eval_mode
 from pyadvk.lipschitz import conv as conv_norms
 from pyadvk.ops import power_iteration as _power_iteration_fn  # the function
 from pyadvk.ops.power_iteration import as_matrix, random_unit_vectors
@@ -71,17 +78,6 @@ def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[nn.Module, tuple[int, ...]]:
     """The input shape (no batch dim) each submodule sees when ``model`` runs on a zero batch of
     shape ``(1, *input_shape)`` (in eval mode: BatchNorm statistics are left untouched)."""
@@ -97,7 +93,7 @@ def input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[nn.Module
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode([model]), torch.no_grad():
             model(torch.zeros((1, *shape), device=device, dtype=dtype))
     except Exception as exc:  # the model's own error says what does not fit
         raise ValueError(
@@ -342,9 +338,50 @@ def _pool_bound(m: nn.Module, in_shape) -> float | None:
     return None
 
 
-def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
-    from pyadvk import models
+class LipschitzParts(NamedTuple):
+    """How a module's forward composes its children, for :func:`lipschitz_bound`: the forward is
+    ``activation(branch(x) + shortcut(x))``, ``branch`` applying the children named in ``branch``
+    one after the other (first name first). ``shortcut=None``: no skip connection (the forward is
+    ``activation(branch(x))``); ``activation=None``: none after the sum. A module returns one from
+    its method ``lipschitz_parts()``; every name is an attribute holding an ``nn.Module``.
 
+    Example, a residual block ``relu(bn(conv(x)) + x)`` with ``self.skip = nn.Identity()``::
+
+        def lipschitz_parts(self):
+            return LipschitzParts(branch=("conv", "bn"), shortcut="skip", activation="relu")
+    """
+
+    branch: tuple[str, ...]
+    shortcut: str | None = None
+    activation: str | None = None
+
+
+def _parts_of(m: nn.Module, name: str) -> LipschitzParts:
+    """``m.lipschitz_parts()`` checked: names of child modules, in the shape of LipschitzParts."""
+    where = f"{name or '(model)'!r} ({type(m).__name__})"
+    parts = m.lipschitz_parts()
+    try:
+        branch, shortcut, activation = parts
+        ok = not isinstance(branch, str) and all(isinstance(n, str) for n in branch)
+        ok = ok and all(n is None or isinstance(n, str) for n in (shortcut, activation))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"lipschitz_parts() of module {where} must return a pyadvk.lipschitz.LipschitzParts(branch, shortcut, "
+            f"activation): a sequence of child names, then a name or None twice; got {parts!r}"
+        )
+    names = [*branch, *(n for n in (shortcut, activation) if n is not None)]
+    for n in names:
+        if not isinstance(getattr(m, n, None), nn.Module):
+            raise TypeError(
+                f"lipschitz_parts() of module {where} names {n!r}, which is not a child module of it "
+                f"(got {type(getattr(m, n, None)).__name__})"
+            )
+    return LipschitzParts(tuple(branch), shortcut, activation)
+
+
+def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
     one = torch.ones((), dtype=torch.float32)
 
     def child(sub, sub_name):
@@ -358,20 +395,16 @@ def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
 
     if isinstance(m, LAYERS):
         return norms[m]
+    if callable(getattr(m, "lipschitz_parts", None)):
+        parts = _parts_of(m, name)
+        total = product((n, getattr(m, n)) for n in parts.branch)
+        if parts.shortcut is not None:
+            total = total + child(getattr(m, parts.shortcut), parts.shortcut).to(total.device)
+        if parts.activation is not None:
+            total = child(getattr(m, parts.activation), parts.activation).to(total.device) * total
+        return total
     if isinstance(m, nn.Sequential):
         return product(m.named_children())
-    if isinstance(m, (models.BasicBlock, models.Bottleneck)):
-        names = ["conv1", "bn1", "act1", "conv2", "bn2"]
-        if isinstance(m, models.Bottleneck):
-            names += ["act2", "conv3", "bn3"]
-        branch = product((n, getattr(m, n)) for n in names)
-        shortcut = child(m.shortcut, "shortcut").to(branch.device)
-        last = "act3" if isinstance(m, models.Bottleneck) else "act2"
-        return child(getattr(m, last), last).to(branch.device) * (branch + shortcut)
-    if isinstance(m, models.ResNet):
-        return product((n, getattr(m, n)) for n in ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc"))
-    if isinstance(m, models.SmallCNN):
-        return product((n, getattr(m, n)) for n in ("features", "classifier"))
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return _bn_bound(name, m)
     act = _activation_bound(m)
@@ -383,8 +416,9 @@ def _bound(m: nn.Module, name: str, norms: dict, shapes: dict) -> torch.Tensor:
             return one * pool
     raise TypeError(
         f"cannot bound module {name or '(model)'!r} of type {type(m).__name__}: lipschitz_bound knows "
-        "nn.Sequential, Linear/Conv, BatchNorm (eval), the usual activations, pooling and pyadvk.models "
-        "architectures (SmallCNN, ResNet and their blocks); see pyadvk.lipschitz.model for the rules"
+        "nn.Sequential, Linear/Conv, BatchNorm (eval), the usual activations, pooling and modules that "
+        "describe their children with lipschitz_parts() (pyadvk.models' SmallCNN, ResNet and their blocks); "
+        "see pyadvk.lipschitz.model for the rules"
     )
 
 
