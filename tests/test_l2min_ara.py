@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from pyadvk import explain, metrics
 from pyadvk.attacks import L2Min
@@ -103,6 +103,24 @@ def test_ara_end_to_end_and_plot(tmp_path, attack):
     result.plot(str(tmp_path / "ara.png"))
     assert (tmp_path / "ara.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["ara.png"]  # no temporary file left behind
+
+
+def test_ara_reads_an_iterable_dataset_to_its_end():
+    # an IterableDataset's loader has a sampler without len(): the progress bar has no total then
+    # (it raised "object of type '_InfiniteConstantSampler' has no len()")
+    model = linear_model(classes=2)
+    x = torch.rand(9, 1, 3, 4, generator=torch.Generator().manual_seed(1))
+    labels = model(x).argmax(1)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, labels))
+
+    settings = dict(n=None, steps=20, budget=2.0, progress=False, attack="l2min")
+    streamed = metrics.ara(model, DataLoader(Stream(), batch_size=4), **settings)
+    mapped = metrics.ara(model, DataLoader(TensorDataset(x, labels), batch_size=4), **settings)
+    assert streamed.distances.shape == (9,)
+    assert torch.equal(streamed.distances, mapped.distances) and streamed.ara == mapped.ara
 
 
 def test_robust_accuracy_and_curve(tmp_path):

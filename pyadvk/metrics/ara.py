@@ -32,6 +32,7 @@ Which attack measures ``r_i`` (``attack=``):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sized
 from dataclasses import dataclass, field
 
 import torch
@@ -304,7 +305,8 @@ def ara(
     device = torch.device(device) if device is not None else model_device(model)
     model = with_normalization(model, normalize)
     show = progress and distributed.is_main()
-    total = n if n is not None else len(loader.sampler) if hasattr(loader, "sampler") else None
+    sampler = getattr(loader, "sampler", None)  # an IterableDataset's has no len(): no total then
+    total = n if n is not None else len(sampler) if isinstance(sampler, Sized) else None
     bar = tqdm(total=total, desc=f"{criterion}-ARA ({attack})", unit="img", disable=not show)
     step_bar = tqdm(desc="L2Min", unit="step", leave=False, disable=not show)
     l2min = L2Min(
@@ -371,6 +373,7 @@ def ara(
         )
     unbroken = int((~torch.isfinite(d)).sum())
     histogram = procedure == "reference" and unbroken == 0
+    assert num_classes is not None  # from the first batch's logits (gathered over the ranks)
     value = ara_histogram(d, num_classes) if histogram else ara_from_distances(d, num_classes)
     return AraResult(
         value,
