@@ -22,7 +22,7 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(SOURCES)
 install: $(STAMP)
 
 # ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade; 120 columns), the format check, and
-# mypy on the public API listed in pyproject.toml. `make format` applies ruff's fixes.
+# mypy on pyadvk/ and kernels/ (pyproject.toml). `make format` applies ruff's fixes.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

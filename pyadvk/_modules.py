@@ -110,10 +110,10 @@ def model_device(model) -> torch.device:
     plain callable that is not an nn.Module)."""
     if not isinstance(model, nn.Module):
         return torch.device("cpu")
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

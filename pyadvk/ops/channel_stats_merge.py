@@ -118,6 +118,7 @@ def rebin(state: ChannelStats, lo: float, hi: float) -> tuple[torch.Tensor, torc
     ``2**-24`` of the range), which the column formula may put on either side, is not counted.
     Re-binning onto the same range is the identity; a dyadic grid onto a coarser dyadic grid
     that covers the channel's [minimum, maximum] moves nothing."""
+    assert state.hist_moved is not None  # ChannelStats.__post_init__ sets it
     if (lo, hi) == (state.lo, state.hi):
         return state.hist.clone(), state.hist_moved.clone()
     bins, dev = state.bins, state.hist.device
