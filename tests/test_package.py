@@ -34,7 +34,7 @@ def test_unknown_attribute_raises_attribute_error():
 
 
 def test_import_pyadvk_does_not_import_the_lazy_subpackages():
-    # the attacks themselves import distributed, nn (Normalize) and through it lipschitz: light, torch only
+    # the attacks themselves import distributed and nn.normalize (not lipschitz: tests/test_nn_package.py)
     lazy = [f"pyadvk.{n}" for n in ("metrics", "train", "explain", "data", "models", "integrations")]
     out = _fresh(
         "import json, sys, pyadvk; "
