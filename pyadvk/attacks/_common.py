@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from pyadvk import _checks
-from pyadvk._modules import guarded_call as guarded_call  # for attacks/minimal.py until it imports it from _modules
 
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

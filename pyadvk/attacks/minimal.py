@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pyadvk import _checks
-from pyadvk.attacks import _common
+from pyadvk._modules import guarded_call
 from pyadvk.attacks.pgd import Attack
 from pyadvk.nn.normalize import NormalizeArg
 from pyadvk.ops.boundary_projection import boundary_projection
@@ -247,7 +247,7 @@ class MinimalAttack(Attack):
             self.check_inputs(images, labels)
             return self._minimal(images.detach(), labels.long())
 
-        return _common.guarded_call(self.guarded_models(), checked, images, labels)
+        return guarded_call(self.guarded_models(), checked, images, labels)
 
     def _minimal(self, images: torch.Tensor, labels: torch.Tensor) -> MinimalResult:
         raise NotImplementedError
