@@ -17,8 +17,12 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   check_boundary_projection("boundary_projection", at::kCPU, x, w, b, lower, upper, norm);
   auto out = at::empty_like(x);
   if (x.numel() == 0) return out.zero_();
-  BoundaryProjectionArgs args{x.scalar_type(), x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
-                              x.size(0),       x.size(1),    lower,        upper,        norm == "l2"};
+  // The probes read each row's breakpoints and weights from here (computed once, no division nor
+  // branch per probe): 16 bytes per value.
+  auto scratch = at::empty({2 * x.numel()}, x.options().dtype(at::kDouble));
+  BoundaryProjectionArgs args{x.scalar_type(), x.data_ptr(), w.data_ptr(), b.data_ptr(),  out.data_ptr(),
+                              x.size(0),       x.size(1),    lower,        upper,         norm == "l2",
+                              scratch.data_ptr<double>()};
   boundary_projection_dispatch(args);
   return out;
 }

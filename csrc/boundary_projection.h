@@ -7,10 +7,13 @@
 // tau = (|r| - A) / B on the partition {i: tau_i below the crossing of g with |r|}, with
 // A = sum over the partition of v_i tau_i and B = sum of v_i outside it. BoundarySearch finds that
 // partition without sorting: each probe t is one pass over the row accumulating ProbeSums (A(t),
-// B(t), the partition's size and the breakpoints nearest t on both sides); it bisects on t and stops
-// as soon as the segment of g around the probe holds the crossing, else after kMaxProbes probes (then
-// the partition of the bracket's lower end, on which g is below |r|). The bodies differ only in how
-// they split a pass over threads.
+// B(t), the partition's size and the breakpoints nearest t on both sides). It keeps a bracket
+// [lo, hi] with g(lo) < |r| <= g(hi) and probes the middle of the tighter bracket that concavity
+// gives for free: the tangent at lo (slope B(lo)) reaches |r| at or before the crossing, the chord
+// from lo to hi at or after it. It stops as soon as the segment of g around a probe holds the
+// crossing, else after kMaxProbes probes (then the partition of lo, on which g is below |r|). On
+// FAB-like rows this takes 2-14 probes where plain bisection on [lo, hi] takes 5-35. The bodies
+// differ only in how they split a pass over threads.
 #pragma once
 
 #include "common.h"
@@ -33,7 +36,8 @@ struct BoundaryProjectionArgs {
   void* out;
   int64_t R, D;
   double lower, upper;
-  bool l2;  // norm "l2" (else "linf")
+  bool l2;          // norm "l2" (else "linf")
+  double* scratch;  // 2 R D doubles: per row the breakpoints tau_i (NaN where w_i = 0), then v_i
 };
 
 namespace boundary {
@@ -104,6 +108,7 @@ struct BoundarySearch {
   double target;      // |r|
   double lo_t, hi_t;  // the bracket: g(lo_t) < |r| <= g(hi_t)
   double A, B;        // the partition at lo_t
+  double A_hi, B_hi;  // the partition at hi_t
   int64_t lo_n, hi_n;
   int probes;
   bool done;
@@ -116,6 +121,7 @@ struct BoundarySearch {
     done = decided = true;
     A = 0.0;
     B = 0.0;
+    A_hi = B_hi = 0.0;
     lo_t = hi_t = 0.0;
     lo_n = hi_n = 0;
     const double total = at_inf.V + at_inf.B;
@@ -132,10 +138,21 @@ struct BoundarySearch {
     lo_n = at_zero.n;
     hi_t = at_inf.below_max;
     hi_n = at_inf.n;
+    A_hi = at_inf.A;  // every breakpoint <= hi_t: g(hi_t) = g(inf)
+    B_hi = 0.0;
     done = lo_n == hi_n || A + at_zero.above_min * B >= target;
   }
 
-  PYADVK_HOST_DEVICE double probe() const { return lo_t + 0.5 * (hi_t - lo_t); }
+  PYADVK_HOST_DEVICE double midpoint() const { return lo_t + 0.5 * (hi_t - lo_t); }
+
+  // The next probe: the middle of [tangent crossing, chord crossing] within (lo, hi), else of [lo, hi].
+  PYADVK_HOST_DEVICE double probe() const {
+    const double g_lo = A + lo_t * B, g_hi = A_hi + hi_t * B_hi;
+    const double tangent = lo_t + (target - g_lo) / B;  // B > 0 while searching
+    const double chord = g_hi > g_lo ? lo_t + (target - g_lo) * ((hi_t - lo_t) / (g_hi - g_lo)) : hi_t;
+    const double t = 0.5 * ((tangent > lo_t ? tangent : lo_t) + (chord < hi_t ? chord : hi_t));
+    return (t > lo_t && t < hi_t) ? t : midpoint();
+  }
 
   PYADVK_HOST_DEVICE void update(double t, const ProbeSums& p) {
     probes += 1;
@@ -148,6 +165,8 @@ struct BoundarySearch {
     } else {
       hi_t = t;
       hi_n = p.n;
+      A_hi = p.A;
+      B_hi = p.B;
       if (p.n > lo_n && p.A + p.below_max * p.B < target) {
         A = p.A;  // the crossing lies after the last breakpoint below t: the partition at t
         B = p.B;
@@ -157,8 +176,8 @@ struct BoundarySearch {
         done = p.n == lo_n;
       }
     }
-    const double next = probe();
-    done = done || probes >= kMaxProbes || next <= lo_t || next >= hi_t;
+    const double mid = midpoint();
+    done = done || probes >= kMaxProbes || mid <= lo_t || mid >= hi_t;
   }
 
   PYADVK_HOST_DEVICE double tau() const {

@@ -2,13 +2,14 @@
 csrc/boundary_projection.h explains the search).
 
 One program per row, tiles of BLOCK values over the row, float64 arithmetic. Passes: r = w·x + b;
-the sums at t = inf and t = 0; one per bisection probe, each accumulating per-lane
+the sums at t = inf and t = 0; one per probe of the search, each accumulating per-lane
 ``A(t) = Σ_{τ_i<=t} v_i τ_i``, ``B(t) = Σ_{τ_i>t} v_i``, the partition's size and the breakpoints
 nearest ``t`` on both sides, reduced once at the end of the pass (a fixed order: deterministic);
-then the write of δ. The search stops as soon as the bracket's segment holds the crossing of
-``g(t) = A + t·B`` with ``|r|``, else after 64 probes. The box bounds travel as a float64 tensor
-(Triton passes Python floats as float32). Registered with torch.library.triton_op as
-``pyadvk::boundary_projection_triton``.
+then the write of δ. The search (as csrc/boundary_projection.h's BoundarySearch) keeps a bracket
+[lo, hi], probes the middle of the tangent and chord crossings of ``g(t) = A + t·B`` with ``|r|``,
+and stops as soon as the segment of g around a probe holds the crossing, else after 64 probes. The
+box bounds travel as a float64 tensor (Triton passes Python floats as float32). Registered with
+torch.library.triton_op as ``pyadvk::boundary_projection_triton``.
 """
 
 from __future__ import annotations
@@ -112,10 +113,18 @@ def _kernel(
     lo_t = tl.zeros([], tl.float64)
     hi_t = below_inf
     n_hi = n_inf
+    a_hi = a_inf  # every breakpoint <= hi_t: g(hi_t) = g(inf)
+    b_hi = tl.zeros([], tl.float64)
     done = decided | (n_lo == n_hi) | (_g(a_lo, b_lo, above_zero) >= target)
     probes = 0
     while done == 0:
-        t = lo_t + 0.5 * (hi_t - lo_t)
+        # the middle of [tangent crossing, chord crossing] within (lo, hi), else of [lo, hi]
+        g_lo = a_lo + lo_t * b_lo
+        g_hi = a_hi + hi_t * b_hi
+        tangent = lo_t + (target - g_lo) / b_lo
+        chord = tl.where(g_hi > g_lo, lo_t + (target - g_lo) * ((hi_t - lo_t) / (g_hi - g_lo)), hi_t)
+        t = 0.5 * (tl.where(tangent > lo_t, tangent, lo_t) + tl.where(chord < hi_t, chord, hi_t))
+        t = tl.where((t > lo_t) & (t < hi_t), t, lo_t + 0.5 * (hi_t - lo_t))
         p_a, p_b, _, p_n, p_below, p_above = _probe(x_ptr, w_ptr, base, D, s, lower, upper, t, L2, BLOCK)
         probes += 1
         lower_side = p_a + t * p_b < target
@@ -128,6 +137,8 @@ def _kernel(
         lo_t = tl.where(lower_side, t, lo_t)
         hi_t = tl.where(lower_side, hi_t, t)
         n_hi = tl.where(lower_side, n_hi, p_n)
+        a_hi = tl.where(lower_side, a_hi, p_a)
+        b_hi = tl.where(lower_side, b_hi, p_b)
         nxt = lo_t + 0.5 * (hi_t - lo_t)
         done = stop | (probes >= MAX_PROBES) | (nxt <= lo_t) | (nxt >= hi_t)
     tau = tl.where(decided, fixed, tl.where(b_lo > 0, (target - a_lo) / tl.where(b_lo > 0, b_lo, 1.0), inf))

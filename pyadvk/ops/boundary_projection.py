@@ -32,11 +32,13 @@ with ``w_i ≠ 0`` (others 0); inputs are otherwise expected finite, with ``x`` 
 
 Every body computes in float64 from the float32 or float64 inputs and rounds ``δ`` to the input
 dtype once at the end. The reference finds the crossing by sorting the breakpoints (two cumulative
-sums give ``g`` at each); the cpp, cuda and triton bodies need no sort: they bisect on ``τ``, each
-probe one pass over the row summing ``A(τ) = Σ_{τ_i<=τ} v_i τ_i`` and ``B(τ) = Σ_{τ_i>τ} v_i``
-(``g(τ) = A + τ·B``), and stop as soon as the bracket's segment holds the crossing (the nearest
-breakpoint beyond the probe is checked in the same pass), else after 64 probes, when the closed
-form is taken on the partition of the bracket's lower end. The partitions agree with the
+sums give ``g`` at each); the cpp, cuda and triton bodies need no sort: they search ``τ`` in a
+bracket ``[lo, hi]`` with ``g(lo) < |r| <= g(hi)``, each probe one pass over the row summing
+``A(τ) = Σ_{τ_i<=τ} v_i τ_i`` and ``B(τ) = Σ_{τ_i>τ} v_i`` (``g(τ) = A + τ·B``). The probe is the
+middle of the tangent crossing at ``lo`` and the chord crossing of ``[lo, hi]`` (by concavity they
+enclose the answer); the search stops as soon as the segment of ``g`` around a probe holds the
+crossing (the nearest breakpoints on both sides come from the same pass), else after 64 probes,
+when the closed form is taken on the partition of ``lo``. The partitions agree with the
 reference's, so the bodies differ from it only by the order of the float64 sums (far below the
 float32 rounding of the result; about 1e-15 relative for float64 inputs).
 """
