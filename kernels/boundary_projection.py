@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from pyadvk.kernels._common import on_device_of
+from pyadvk.kernels._common import on_device_of, unfused
 
 MAX_PROBES = 64  # as boundary::kMaxProbes (csrc/boundary_projection.h)
 
@@ -60,8 +60,8 @@ def _probe(x_ptr, w_ptr, base, D, s, lower, upper, t, L2: tl.constexpr, BLOCK: t
     below_max = tl.full([BLOCK], float("-inf"), tl.float64)
     above_min = tl.full([BLOCK], float("inf"), tl.float64)
     for start in range(0, D, BLOCK):
-        x, w, mask, _ = _load_row(x_ptr, w_ptr, base, start, D, BLOCK)
-        _, active, v, tau = _breakpoints(x, w, s, lower, upper, L2)
+        x, w, mask, offs = _load_row(x_ptr, w_ptr, base, start, D, BLOCK)
+        ws, active, v, tau = _breakpoints(x, w, s, lower, upper, L2)
         active = active & mask
         le = active & (tau <= t)
         gt = active & (tau > t)
@@ -97,14 +97,14 @@ def _kernel(
     upper = tl.load(bounds_ptr + 1)
     acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, D, BLOCK):
-        x, w, _, _ = _load_row(x_ptr, w_ptr, base, start, D, BLOCK)
+        x, w, mask, offs = _load_row(x_ptr, w_ptr, base, start, D, BLOCK)
         acc += x * w
     r = tl.sum(acc, axis=0) + tl.load(b_ptr + row).to(tl.float64)
     s = tl.where(r > 0, -1.0, 1.0).to(tl.float64)
     target = tl.abs(r)
     inf = float("inf")
-    a_inf, b_inf, v_inf, n_inf, below_inf, _ = _probe(x_ptr, w_ptr, base, D, s, lower, upper, inf, L2, BLOCK)
-    a_lo, b_lo, _, n_lo, _, above_zero = _probe(x_ptr, w_ptr, base, D, s, lower, upper, 0.0, L2, BLOCK)
+    a_inf, b_inf, v_inf, n_inf, below_inf, above_inf = _probe(x_ptr, w_ptr, base, D, s, lower, upper, inf, L2, BLOCK)
+    a_lo, b_lo, v_zero, n_lo, below_zero, above_zero = _probe(x_ptr, w_ptr, base, D, s, lower, upper, 0.0, L2, BLOCK)
     total = v_inf + b_inf
     is_nan = target != target
     misses = (total <= 0) | (a_inf < target)  # w = 0, or the hyperplane misses the box
@@ -125,7 +125,7 @@ def _kernel(
         chord = tl.where(g_hi > g_lo, lo_t + (target - g_lo) * ((hi_t - lo_t) / (g_hi - g_lo)), hi_t)
         t = 0.5 * (tl.where(tangent > lo_t, tangent, lo_t) + tl.where(chord < hi_t, chord, hi_t))
         t = tl.where((t > lo_t) & (t < hi_t), t, lo_t + 0.5 * (hi_t - lo_t))
-        p_a, p_b, _, p_n, p_below, p_above = _probe(x_ptr, w_ptr, base, D, s, lower, upper, t, L2, BLOCK)
+        p_a, p_b, p_v, p_n, p_below, p_above = _probe(x_ptr, w_ptr, base, D, s, lower, upper, t, L2, BLOCK)
         probes += 1
         lower_side = p_a + t * p_b < target
         take_t = (lower_side == 0) & (p_n > n_lo) & (_g(p_a, p_b, p_below) < target)
@@ -145,7 +145,7 @@ def _kernel(
     tau_nan = tau != tau
     for start in range(0, D, BLOCK):
         x, w, mask, offs = _load_row(x_ptr, w_ptr, base, start, D, BLOCK)
-        ws, active, _, tau_i = _breakpoints(x, w, s, lower, upper, L2)
+        ws, active, v, tau_i = _breakpoints(x, w, s, lower, upper, L2)
         step = tl.where(tau_nan, tau, tl.where(tau < tau_i, tau, tau_i))  # torch.minimum: NaN propagates
         if L2:
             delta = ws * step
@@ -168,6 +168,6 @@ def boundary_projection_triton(
     block = max(16, min(1024, triton.next_power_of_2(dims)))
     with on_device_of(x):
         wrap_triton(_kernel)[(rows,)](
-            x, w, b, bounds, out, dims, L2=norm == "l2", BLOCK=block, MAX_PROBES=MAX_PROBES, num_warps=4
+            x, w, b, bounds, out, dims, L2=norm == "l2", BLOCK=block, MAX_PROBES=MAX_PROBES, num_warps=4, **unfused(x)
         )
     return out

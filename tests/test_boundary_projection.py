@@ -11,6 +11,9 @@ sums run in another order than the reference's sorted cumulative sums).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +211,27 @@ def test_bad_backend():
 def test_compiled_op_checks(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.pyadvk.boundary_projection(*args)
+
+
+_COMPILE_FOR_GPU = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from pyadvk.kernels.boundary_projection import MAX_PROBES, _kernel
+
+for dtype, l2 in (("*fp32", True), ("*fp64", False)):
+    signature = {"x_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "bounds_ptr": "*fp64", "out_ptr": dtype}
+    signature |= {"D": "i64", "L2": "constexpr", "BLOCK": "constexpr", "MAX_PROBES": "constexpr"}
+    source = ASTSource(_kernel, signature, constexprs={"L2": l2, "BLOCK": 1024, "MAX_PROBES": MAX_PROBES})
+    assert "ptx" in compile(source, target=GPUTarget("cuda", 90, 32)).asm
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
+def test_triton_kernel_compiles_for_a_gpu():
+    """The Triton kernel through Triton's GPU compiler (sm_90, no GPU needed), in a process without
+    the interpreter: the interpreter runs the kernel as Python and misses what only the compiler
+    checks (loop-carried types, for one)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
