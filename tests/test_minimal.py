@@ -184,6 +184,34 @@ def test_deepfool_with_n_classes_considers_only_the_top_classes():
 # --- exact on a linear multi-class model ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_projection_of_half_inputs_runs_in_float32(dtype):
+    """project_boundary takes the attacks' float16/bfloat16 rows: projected in float32, δ in x's dtype."""
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = torch.rand(4, 9, generator=gen), torch.randn(4, 9, generator=gen), torch.randn(4, generator=gen)
+    delta = project_boundary(x.to(dtype), w.to(dtype), b, 0.0, 1.0, "l2")
+    assert delta.dtype == dtype
+    expected = project_boundary(x.to(dtype).float(), w.to(dtype).float(), b, 0.0, 1.0, "l2").to(dtype)
+    assert torch.equal(delta, expected)
+
+
+@pytest.mark.parametrize("cls", [FAB, DeepFool])
+def test_backend_reaches_the_projection(cls):
+    """``backend=`` forces the body of the boundary projection: the same distances on the torch and
+    cpp bodies (when built; 1e-5 relative: the bodies' δ may differ by an ulp of float32, which later
+    steps carry), a clear error for a body that cannot run here."""
+    from pyadvk._backend import BackendUnavailableError
+    from pyadvk.ops.boundary_projection import BOUNDARY_PROJECTION
+
+    model, x, labels, _ = linear_problem(batch=6)
+    ref = cls(model, norm="l2", steps=10, backend="torch").minimal(x, labels)
+    if not BOUNDARY_PROJECTION.reason("cpp", "cpu"):
+        got = cls(model, norm="l2", steps=10, backend="cpp").minimal(x, labels)
+        torch.testing.assert_close(got.distances, ref.distances, rtol=1e-5, atol=0)
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run boundary_projection"):
+        cls(model, norm="l2", steps=10, backend="cuda").minimal(x, labels)
+
+
 def linear_problem(batch=24, seed=0):
     """``nn.Linear`` on 3×8×8 inputs in [0.3, 0.7] with 5 classes: the box [0, 1] is never active
     at the minimal perturbation (checked below), so the exact distance in norm p is
