@@ -97,6 +97,30 @@ def test_closed_form_where_the_box_is_inactive(backend, norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_breakpoints_one_ulp_apart(backend, norm):
+    """Breakpoints on consecutive float32 (float64) values, x = 0.5 + k ulp with w = ±1, and |r| set
+    to g at the middle of that cluster, at one of its breakpoints, and just past its top: the search
+    must isolate segments a few ulp wide."""
+    for dtype in (torch.float32, torch.float64):
+        dims = 41
+        ulp = torch.finfo(dtype).eps / 2  # the spacing of values in [0.5, 1)
+        x = (0.5 + ulp * torch.arange(dims, dtype=torch.float64)).to(dtype).repeat(3, 1)
+        w = torch.ones(3, dims, dtype=dtype)
+        w[1, ::2] = -1.0
+        # With r < 0 (s = +1): reach = 1 − x where w > 0, x − 0 where w < 0; |w| = 1, so τ_i = reach.
+        xd, wd = x.double(), w.double()
+        tau = torch.where(wd > 0, 1 - xd, xd).sort(dim=1).values
+        at = torch.stack([tau[0, dims // 2] + ulp / 4, tau[1, dims // 3], tau[2, -1] - ulp])
+        target = torch.minimum(at[:, None], tau).sum(dim=1)  # g(at) for v_i = 1 (both norms: w_i² = |w_i| = 1)
+        b = (-target - (wd * xd).sum(dim=1)).to(dtype)
+        ref = boundary_projection_reference(x, w, b, 0.0, 1.0, norm)
+        assert (ref.double().abs().amax(dim=1) >= tau[:, 0]).all()  # τ reached the cluster (|δ_i| = min(τ, τ_i))
+        out = boundary_projection(x, w, b, 0.0, 1.0, norm, backend=backend)
+        assert_close_to_reference(out, ref, f"{backend} {norm} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_rows_and_leading_dims(backend):
     """A NaN offset or x makes δ NaN where w ≠ 0 and 0 elsewhere; (..., D) batches keep their shape."""
     x, w, b = boundary_rows(6, 5, torch.float32, 3, zeros=0.3)
