@@ -109,7 +109,7 @@ struct BoundarySearch {
   double lo_t, hi_t;  // the bracket: g(lo_t) < |r| <= g(hi_t)
   double A, B;        // the partition at lo_t
   double A_hi, B_hi;  // the partition at hi_t
-  int64_t lo_n, hi_n;
+  int64_t lo_n;  // the partition's size at lo_t
   int probes;
   bool done;
   bool decided;  // start() decided the answer without a search: fixed
@@ -123,7 +123,7 @@ struct BoundarySearch {
     B = 0.0;
     A_hi = B_hi = 0.0;
     lo_t = hi_t = 0.0;
-    lo_n = hi_n = 0;
+    lo_n = 0;
     const double total = at_inf.V + at_inf.B;
     fixed = target;  // NaN
     if (target != target) return;
@@ -137,10 +137,9 @@ struct BoundarySearch {
     B = at_zero.B;
     lo_n = at_zero.n;
     hi_t = at_inf.below_max;
-    hi_n = at_inf.n;
     A_hi = at_inf.A;  // every breakpoint <= hi_t: g(hi_t) = g(inf)
     B_hi = 0.0;
-    done = lo_n == hi_n || A + at_zero.above_min * B >= target;
+    done = lo_n == at_inf.n || A + at_zero.above_min * B >= target;
   }
 
   PYADVK_HOST_DEVICE double midpoint() const { return lo_t + 0.5 * (hi_t - lo_t); }
@@ -164,7 +163,6 @@ struct BoundarySearch {
       done = p.A + p.above_min * p.B >= target;  // the crossing lies before the next breakpoint
     } else {
       hi_t = t;
-      hi_n = p.n;
       A_hi = p.A;
       B_hi = p.B;
       if (p.n > lo_n && p.A + p.below_max * p.B < target) {

@@ -112,10 +112,9 @@ def _kernel(
     fixed = tl.where(is_nan, target, tl.where(misses, inf, 0.0))
     lo_t = tl.zeros([], tl.float64)
     hi_t = below_inf
-    n_hi = n_inf
     a_hi = a_inf  # every breakpoint <= hi_t: g(hi_t) = g(inf)
     b_hi = tl.zeros([], tl.float64)
-    done = decided | (n_lo == n_hi) | (_g(a_lo, b_lo, above_zero) >= target)
+    done = decided | (n_lo == n_inf) | (_g(a_lo, b_lo, above_zero) >= target)
     probes = 0
     while done == 0:
         # the middle of [tangent crossing, chord crossing] within (lo, hi), else of [lo, hi]
@@ -136,7 +135,6 @@ def _kernel(
         n_lo = tl.where(use_p, p_n, n_lo)
         lo_t = tl.where(lower_side, t, lo_t)
         hi_t = tl.where(lower_side, hi_t, t)
-        n_hi = tl.where(lower_side, n_hi, p_n)
         a_hi = tl.where(lower_side, a_hi, p_a)
         b_hi = tl.where(lower_side, b_hi, p_b)
         nxt = lo_t + 0.5 * (hi_t - lo_t)
